@@ -1,0 +1,153 @@
+"""Local and full causal attention, and the factory that picks a layer's attention by its kind.
+
+LSH attention lives in lsh.py. All three share one interface:
+  forward(x, positions, buckets=None) -> (out, buckets or None)   full-sequence path
+  init_state(batch_size, device, dtype) -> layer state
+  decode(x, positions, state) -> out                             new tokens after the state; updates it
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .chunks import with_previous_chunk
+from .config import ReformerConfig
+from .lsh import LSHAttention
+from .positions import Rotary
+from .state import FullLayerState, LocalLayerState
+
+# Position given to padding: later than any real token, so causal masks hide it from every query.
+_PAD_POSITION = 1 << 50
+
+
+class _QKVAttention(nn.Module):
+    """Separate query, key and value projections with rotary positions (local and full layers)."""
+
+    def __init__(self, config: ReformerConfig) -> None:
+        super().__init__()
+        self.n_heads, self.d_head = config.n_heads, config.d_head
+        inner = config.n_heads * config.d_head
+        self.to_qkv = nn.Linear(config.d_model, 3 * inner, bias=False)
+        self.to_out = nn.Linear(inner, config.d_model)
+        self.rotary = Rotary(config.d_head, config.rotary_base)
+
+    def _project(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x (B, L, d_model) -> rotated q, rotated k, v, each (B, H, L, D)."""
+        B, L, _ = x.shape
+        qkv = (
+            self.to_qkv(x).view(B, L, 3, self.n_heads, self.d_head).permute(2, 0, 3, 1, 4)
+        )  # (3, B, H, L, D)
+        q, k, v = qkv.unbind(0)
+        return self.rotary(q, positions), self.rotary(k, positions), v
+
+    def _merge_heads(self, out: Tensor) -> Tensor:
+        B, H, L, D = out.shape
+        return self.to_out(out.transpose(1, 2).reshape(B, L, H * D))  # (B, L, d_model)
+
+
+def local_chunk_attention(
+    q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int
+) -> Tensor:
+    """Each query sees the keys at positions p - window .. p (itself and the previous `window`).
+
+    q, k, v (B, H, N, D) laid out in position order; q_pos, k_pos (B, N), negative = empty slot.
+    Chunks of `window` entries attend to themselves and the previous chunk, which always covers the window.
+    """
+    B, H, N, D = q.shape
+    S = window
+    pad = (-N) % S
+    if pad:
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+        q_pos = F.pad(q_pos, (0, pad), value=_PAD_POSITION)
+        k_pos = F.pad(k_pos, (0, pad), value=_PAD_POSITION)
+    C = (N + pad) // S
+    qc = q.view(B, H, C, S, D)
+    kc = with_previous_chunk(k.view(B, H, C, S, D), 2, 0.0)  # (B, H, C, 2S, D)
+    vc = with_previous_chunk(v.view(B, H, C, S, D), 2, 0.0)
+    qp = q_pos.view(B, 1, C, S)
+    kp = with_previous_chunk(k_pos.view(B, 1, C, S), 2, -1)  # (B, 1, C, 2S)
+
+    offset = qp[..., :, None] - kp[..., None, :]  # (B, 1, C, S, 2S)
+    visible = (kp[..., None, :] >= 0) & (offset >= 0) & (offset <= S)
+    scores = torch.einsum("bhcid,bhcjd->bhcij", qc.float(), kc.float()) * D**-0.5  # (B, H, C, S, 2S)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    # A padded query may see nothing; give it a harmless finite row (its output is dropped).
+    scores = scores.masked_fill(~visible.any(-1, keepdim=True), 0.0)
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.einsum("bhcij,bhcjd->bhcid", probs, vc.float()).to(v.dtype)  # (B, H, C, S, D)
+    return out.reshape(B, H, C * S, D)[:, :, :N]
+
+
+class LocalAttention(_QKVAttention):
+    def __init__(self, config: ReformerConfig) -> None:
+        super().__init__(config)
+        self.window = config.bucket_size
+
+    def forward(
+        self, x: Tensor, positions: Tensor, buckets: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        q, k, v = self._project(x, positions)
+        return self._merge_heads(local_chunk_attention(q, k, v, positions, positions, self.window)), None
+
+    def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> LocalLayerState:
+        shape = (batch_size, self.n_heads, self.window, self.d_head)
+        return LocalLayerState(
+            keys=torch.zeros(shape, device=device, dtype=dtype),
+            values=torch.zeros(shape, device=device, dtype=dtype),
+            positions=torch.full((batch_size, self.window), -1, device=device, dtype=torch.long),
+        )
+
+    def decode(self, x: Tensor, positions: Tensor, state: LocalLayerState) -> Tensor:
+        """The state's last `window` tokens go in front of the new ones; one chunked pass serves all T."""
+        q, k, v = self._project(x, positions)
+        T = x.shape[1]
+        all_k = torch.cat((state.keys, k.to(state.keys.dtype)), dim=2)  # (B, H, W + T, D)
+        all_v = torch.cat((state.values, v.to(state.values.dtype)), dim=2)
+        all_pos = torch.cat((state.positions, positions), dim=1)  # (B, W + T)
+        q_all = torch.cat((torch.zeros_like(state.keys), q.to(state.keys.dtype)), dim=2)
+        out = local_chunk_attention(q_all, all_k, all_v, all_pos, all_pos, self.window)[:, :, -T:]
+        state.keys = all_k[:, :, -self.window :].contiguous()
+        state.values = all_v[:, :, -self.window :].contiguous()
+        state.positions = all_pos[:, -self.window :].contiguous()
+        return self._merge_heads(out.to(x.dtype))
+
+
+class FullAttention(_QKVAttention):
+    """Exact causal attention (SDPA): the honest baseline. Its decode state grows with the history."""
+
+    def forward(
+        self, x: Tensor, positions: Tensor, buckets: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        q, k, v = self._project(x, positions)
+        return self._merge_heads(F.scaled_dot_product_attention(q, k, v, is_causal=True)), None
+
+    def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> FullLayerState:
+        empty = torch.zeros(batch_size, self.n_heads, 0, self.d_head, device=device, dtype=dtype)
+        return FullLayerState(keys=empty, values=empty.clone())
+
+    def decode(self, x: Tensor, positions: Tensor, state: FullLayerState) -> Tensor:
+        q, k, v = self._project(x, positions)
+        state.keys = torch.cat((state.keys, k.to(state.keys.dtype)), dim=2)  # (B, H, N, D)
+        state.values = torch.cat((state.values, v.to(state.values.dtype)), dim=2)
+        T, N = x.shape[1], state.keys.shape[2]
+        # New token t (at index N - T + t) sees keys 0 .. N - T + t.
+        mask = torch.ones(T, N, dtype=torch.bool, device=x.device).tril(diagonal=N - T)
+        out = F.scaled_dot_product_attention(
+            q, state.keys.to(q.dtype), state.values.to(q.dtype), attn_mask=mask
+        )
+        return self._merge_heads(out)
+
+
+Attention = LSHAttention | LocalAttention | FullAttention
+
+
+def build_attention(kind: str, config: ReformerConfig) -> Attention:
+    if kind == "lsh":
+        return LSHAttention(config)
+    if kind == "local":
+        return LocalAttention(config)
+    if kind == "full":
+        return FullAttention(config)
+    raise ValueError(f"unknown attention kind {kind!r}: use 'lsh', 'local' or 'full'")

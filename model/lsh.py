@@ -1,0 +1,264 @@
+"""Strictly causal LSH attention with a bounded decode state.
+
+Semantics (DESIGN.md, "The model"): per head and hash round, each token is hashed into one of `n_buckets`
+buckets by a fixed random rotation of its shared query/key vector. A query attends to the at most
+`bucket_size` most recent earlier keys of its own bucket, and to itself only when it has nothing else. Rounds
+are combined with their logsumexp weights.
+
+Sorting all entries by (bucket, position) puts each query's candidate keys right before it, within
+`bucket_size` places, so the full-sequence path is chunked attention over the sorted order (own chunk plus
+the previous one) with a same-bucket and rank-distance mask. The output at position t depends only on tokens
+<= t: which keys a query sees never depends on where later tokens land. Decoding keeps, per bucket, the last
+`bucket_size` entries, which are exactly the keys any future query of that bucket can see.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .chunks import with_previous_chunk
+from .config import ReformerConfig
+from .state import LSHLayerState
+
+# Sort key = bucket * _POSITION_SPAN + position; positions stay far below 2**40.
+_POSITION_SPAN = 1 << 40
+
+
+def hash_buckets(qk: Tensor, rotations: Tensor) -> Tensor:
+    """Angular LSH: bucket = argmax([xR; -xR]) for each head and round.
+
+    qk (B, H, L, D), rotations (H, R, D, NB/2) -> buckets (B, H, R, L) int64.
+    """
+    rotated = torch.einsum("bhld,hrdk->bhrlk", qk.float(), rotations.float())  # (B, H, R, L, NB/2)
+    return torch.cat((rotated, -rotated), dim=-1).argmax(dim=-1)
+
+
+def sorted_chunk_attention(
+    q: Tensor, k: Tensor, v: Tensor, buckets: Tensor, positions: Tensor, bucket_size: int, self_score: float
+) -> tuple[Tensor, Tensor]:
+    """Attention of every entry over its bucket's `bucket_size` most recent earlier entries.
+
+    q, k, v (B, H, R, N, D); buckets, positions (B, H, R, N). Entries that are not real keys carry a bucket
+    id no real query has (e.g. n_buckets). Returns outputs (B, H, R, N, D) and their logsumexp (B, H, R, N),
+    in the entries' original order.
+    """
+    B, H, R, N, D = q.shape
+    S = bucket_size
+    order = (buckets * _POSITION_SPAN + positions).argsort(dim=-1)  # (B, H, R, N)
+    gather = order[..., None].expand(-1, -1, -1, -1, D)
+    qs, ks, vs = q.gather(3, gather), k.gather(3, gather), v.gather(3, gather)  # (B, H, R, N, D)
+    bs = buckets.gather(3, order)  # (B, H, R, N)
+
+    pad = (-N) % S
+    if pad:
+        qs = F.pad(qs, (0, 0, 0, pad))
+        ks = F.pad(ks, (0, 0, 0, pad))
+        vs = F.pad(vs, (0, 0, 0, pad))
+        bs = F.pad(bs, (0, pad), value=-1)  # bucket -1: never anyone's bucket
+    C = (N + pad) // S
+    qc = qs.view(B, H, R, C, S, D)
+    kc = with_previous_chunk(ks.view(B, H, R, C, S, D), 3, 0.0)  # (B, H, R, C, 2S, D)
+    vc = with_previous_chunk(vs.view(B, H, R, C, S, D), 3, 0.0)
+    bq = bs.view(B, H, R, C, S)
+    bk = with_previous_chunk(bq, 3, -1)  # (B, H, R, C, 2S)
+
+    scores = torch.einsum("bhrcid,bhrcjd->bhrcij", qc.float(), kc.float())  # (B, H, R, C, S, 2S)
+    # Rank distance from query i (own chunk) to key j (previous chunk then own chunk) in the sorted order.
+    i = torch.arange(S, device=q.device)[:, None]
+    j = torch.arange(2 * S, device=q.device)[None, :]
+    distance = i + S - j  # (S, 2S)
+    earlier = (distance > 0) & (distance <= S)
+    same_bucket = bq[..., :, None] == bk[..., None, :]  # (B, H, R, C, S, 2S)
+    visible = same_bucket & earlier
+    scores = scores.masked_fill(~visible, float("-inf"))
+    scores = torch.where(distance == 0, torch.full_like(scores, self_score), scores)
+
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # (B, H, R, C, S, 1)
+    probs = torch.exp(scores - lse)
+    out = torch.einsum("bhrcij,bhrcjd->bhrcid", probs, vc.float())  # (B, H, R, C, S, D)
+
+    out = out.reshape(B, H, R, C * S, D)[..., :N, :].to(v.dtype)
+    lse = lse.reshape(B, H, R, C * S)[..., :N]
+    # Undo the sort: entry order[n] sits at sorted place n.
+    unsorted_out = torch.empty_like(out).scatter_(3, gather, out)
+    unsorted_lse = torch.empty_like(lse).scatter_(3, order, lse)
+    return unsorted_out, unsorted_lse
+
+
+def combine_rounds(out: Tensor, lse: Tensor) -> Tensor:
+    """Weight each round's output by its share of the total attention mass.
+
+    out (B, H, R, T, D), lse (B, H, R, T) -> (B, H, T, D)
+    """
+    weights = torch.softmax(lse, dim=2)  # (B, H, R, T): exp(lse_r) / sum_r exp(lse_r)
+    return (out * weights[..., None].to(out.dtype)).sum(dim=2)
+
+
+class LSHAttention(nn.Module):
+    def __init__(self, config: ReformerConfig) -> None:
+        super().__init__()
+        self.n_heads, self.d_head = config.n_heads, config.d_head
+        self.n_hashes, self.n_buckets = config.n_hashes, config.n_buckets
+        self.bucket_size = config.bucket_size
+        self.self_score = config.self_attn_score
+        inner = config.n_heads * config.d_head
+        self.to_qk = nn.Linear(config.d_model, inner, bias=False)
+        self.to_v = nn.Linear(config.d_model, inner, bias=False)
+        self.to_out = nn.Linear(inner, config.d_model)
+        # Fixed per layer and saved with the weights: hashing is deterministic at inference, and the
+        # reversible backward pass hashes with the very rotations the forward pass used.
+        rotations = torch.randn(config.n_heads, config.n_hashes, config.d_head, config.n_buckets // 2)
+        self.register_buffer("rotations", rotations)
+
+    def _project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x (B, L, d_model) -> shared qk, unit keys, values, each (B, H, L, D)."""
+        B, L, _ = x.shape
+        qk = self.to_qk(x).view(B, L, self.n_heads, self.d_head).transpose(1, 2)  # (B, H, L, D)
+        v = self.to_v(x).view(B, L, self.n_heads, self.d_head).transpose(1, 2)
+        keys = F.normalize(qk, dim=-1)
+        return qk, keys, v
+
+    def _merge_heads(self, out: Tensor) -> Tensor:
+        B, H, L, D = out.shape
+        return self.to_out(out.transpose(1, 2).reshape(B, L, H * D))  # (B, L, d_model)
+
+    def forward(
+        self, x: Tensor, positions: Tensor, buckets: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Full-sequence path. positions (B, L); buckets (B, H, R, L) from an earlier pass to reuse."""
+        qk, keys, v = self._project(x)
+        if buckets is None:
+            buckets = hash_buckets(qk, self.rotations)
+        R = self.n_hashes
+        q = qk * self.d_head**-0.5
+        expand = (-1, -1, R, -1, -1)
+        pos = positions[:, None, None, :].expand_as(buckets)
+        out, lse = sorted_chunk_attention(
+            q[:, :, None].expand(*expand),
+            keys[:, :, None].expand(*expand),
+            v[:, :, None].expand(*expand),
+            buckets,
+            pos,
+            self.bucket_size,
+            self.self_score,
+        )
+        return self._merge_heads(combine_rounds(out, lse)), buckets
+
+    # ---- decoding -------------------------------------------------------------------------------------
+    def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> LSHLayerState:
+        shape = (batch_size, self.n_heads, self.n_hashes, self.n_buckets, self.bucket_size)
+        return LSHLayerState(
+            keys=torch.zeros(*shape, self.d_head, device=device, dtype=dtype),
+            values=torch.zeros(*shape, self.d_head, device=device, dtype=dtype),
+            positions=torch.full(shape, -1, device=device, dtype=torch.long),
+        )
+
+    def decode(self, x: Tensor, positions: Tensor, state: LSHLayerState) -> Tensor:
+        """New tokens x (B, T, d_model) at positions (B, T), after what `state` holds; updates `state`."""
+        qk, keys, v = self._project(x)
+        buckets = hash_buckets(qk, self.rotations)  # (B, H, R, T)
+        q = qk * self.d_head**-0.5
+        if x.shape[1] == 1:
+            out = self._decode_one(q, keys, v, buckets, positions, state)
+        else:
+            out = self._decode_many(q, keys, v, buckets, positions, state)
+        return self._merge_heads(out)
+
+    def _decode_one(
+        self, q: Tensor, k: Tensor, v: Tensor, buckets: Tensor, positions: Tensor, state: LSHLayerState
+    ) -> Tensor:
+        """One token: gather its bucket's window directly, no sort. O(bucket_size) per head and round."""
+        B, H, _, D = q.shape
+        R, S = self.n_hashes, self.bucket_size
+        slot = buckets[..., 0][..., None, None, None].expand(-1, -1, -1, 1, S, D)  # (B, H, R, 1, S, D)
+        window_k = state.keys.gather(3, slot).squeeze(3)  # (B, H, R, S, D)
+        window_v = state.values.gather(3, slot).squeeze(3)
+        window_pos = state.positions.gather(3, slot[..., 0]).squeeze(3)  # (B, H, R, S)
+
+        scores = torch.einsum("bhd,bhrsd->bhrs", q[:, :, 0].float(), window_k.float())  # (B, H, R, S)
+        scores = scores.masked_fill(window_pos < 0, float("-inf"))
+        own = torch.full_like(scores[..., :1], self.self_score)
+        scores = torch.cat((scores, own), dim=-1)  # (B, H, R, S + 1)
+        lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+        probs = torch.exp(scores - lse)
+        v_new = v[:, :, None].expand(-1, -1, R, -1, -1)  # (B, H, R, 1, D)
+        out = torch.einsum("bhrs,bhrsd->bhrd", probs, torch.cat((window_v, v_new), dim=3).float())
+        combined = combine_rounds(out[:, :, :, None].to(v.dtype), lse)  # (B, H, 1, D)
+
+        # Append to the bucket: drop its oldest slot, the new token becomes slot S-1.
+        k_new = k[:, :, None].expand(-1, -1, R, -1, -1)
+        pos_new = positions[:, None, None, :].expand(B, H, R, 1)
+        state.keys.scatter_(3, slot, torch.cat((window_k[..., 1:, :], k_new), dim=3)[:, :, :, None])
+        state.values.scatter_(3, slot, torch.cat((window_v[..., 1:, :], v_new), dim=3)[:, :, :, None])
+        state.positions.scatter_(
+            3, slot[..., 0], torch.cat((window_pos[..., 1:], pos_new), dim=3)[:, :, :, None]
+        )
+        return combined
+
+    def _decode_many(
+        self, q: Tensor, k: Tensor, v: Tensor, buckets: Tensor, positions: Tensor, state: LSHLayerState
+    ) -> Tensor:
+        """Parallel prefill: the state's entries go in front of the new tokens and the chunked sorted path
+        runs once over all of them; only the new tokens' outputs are kept."""
+        B, H, T, _ = q.shape
+        R, NB, S = self.n_hashes, self.n_buckets, self.bucket_size
+        old_k = state.keys.flatten(3, 4)  # (B, H, R, NB*S, D)
+        old_v = state.values.flatten(3, 4)
+        old_pos = state.positions.flatten(3, 4)  # (B, H, R, NB*S)
+        slot_bucket = torch.arange(NB, device=q.device).repeat_interleave(S).expand_as(old_pos)
+        old_buckets = torch.where(old_pos >= 0, slot_bucket, NB)  # empty slots: bucket NB, seen by no one
+
+        expand = (-1, -1, R, -1, -1)
+        new_pos = positions[:, None, None, :].expand(B, H, R, T)
+        all_q = torch.cat((torch.zeros_like(old_k), q[:, :, None].expand(*expand)), dim=3)
+        all_k = torch.cat((old_k, k[:, :, None].expand(*expand)), dim=3)
+        all_v = torch.cat((old_v, v[:, :, None].expand(*expand)), dim=3)
+        all_b = torch.cat((old_buckets, buckets), dim=3)
+        all_pos = torch.cat((old_pos, new_pos), dim=3)
+        out, lse = sorted_chunk_attention(all_q, all_k, all_v, all_b, all_pos, S, self.self_score)
+        combined = combine_rounds(out[..., -T:, :], lse[..., -T:])  # (B, H, T, D)
+
+        self._append(state, k[:, :, None].expand(*expand), v[:, :, None].expand(*expand), new_pos, buckets)
+        return combined
+
+    def _append(self, state: LSHLayerState, k: Tensor, v: Tensor, pos: Tensor, buckets: Tensor) -> None:
+        """Keep, per bucket, the last `bucket_size` of the old entries and the new ones.
+
+        k, v (B, H, R, T, D); pos, buckets (B, H, R, T).
+        """
+        B, H, R, _, D = k.shape
+        NB, S = self.n_buckets, self.bucket_size
+        one_hot = F.one_hot(buckets, NB)  # (B, H, R, T, NB)
+        counts = one_hot.sum(dim=3)  # (B, H, R, NB): new tokens per bucket
+        # How many same-bucket new tokens come after each new token.
+        after = (one_hot.flip(3).cumsum(3).flip(3) - one_hot).gather(4, buckets[..., None]).squeeze(4)
+
+        # Old slot s + count moves to slot s; slots that fall off the front are overwritten below.
+        source = torch.arange(S, device=k.device) + counts[..., None]  # (B, H, R, NB, S)
+        kept = source < S
+        source = source.clamp(max=S - 1)
+        index = source[..., None].expand(-1, -1, -1, -1, -1, D)
+        keys = state.keys.gather(4, index)
+        values = state.values.gather(4, index)
+        positions = torch.where(kept, state.positions.gather(4, source), -1)
+
+        # New token with `after` successors in its bucket lands at slot S-1-after, if that is >= 0;
+        # the others go to a scratch slot at the end that is then dropped.
+        target = torch.where(after < S, buckets * S + (S - 1 - after), NB * S)  # (B, H, R, T)
+        flat_k = torch.cat((keys.flatten(3, 4), keys.new_zeros(B, H, R, 1, D)), dim=3)
+        flat_v = torch.cat((values.flatten(3, 4), values.new_zeros(B, H, R, 1, D)), dim=3)
+        flat_pos = torch.cat((positions.flatten(3, 4), positions.new_full((B, H, R, 1), -1)), dim=3)
+        flat_k.scatter_(3, target[..., None].expand(-1, -1, -1, -1, D), k.to(flat_k.dtype))
+        flat_v.scatter_(3, target[..., None].expand(-1, -1, -1, -1, D), v.to(flat_v.dtype))
+        flat_pos.scatter_(3, target, pos)
+        state.keys = flat_k[..., :-1, :].reshape(B, H, R, NB, S, D)
+        state.values = flat_v[..., :-1, :].reshape(B, H, R, NB, S, D)
+        state.positions = flat_pos[..., :-1].reshape(B, H, R, NB, S)
+
+
+def expected_state_bytes(config: ReformerConfig, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of one LSH layer's decode state for one sequence (keys, values, positions)."""
+    slots = config.n_heads * config.n_hashes * config.n_buckets * config.bucket_size
+    return slots * (2 * config.d_head * torch.finfo(dtype).bits // 8 + 8)
