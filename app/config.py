@@ -1,0 +1,106 @@
+"""Settings: every knob of the service is an environment variable (or a line in `.env`).
+
+Each field is documented in `.env.example`, and a test keeps the two in step. Nothing reads the
+environment at import time: `create_app()` builds a Settings when it is not handed one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# The checkpoint that ships with the repository, found relative to this package (not the working
+# directory), so `python -m app` works from anywhere in a checkout.
+SHIPPED_MODEL_DIR = Path(__file__).resolve().parent.parent / "checkpoints" / "reformer-chat-small"
+
+
+class Settings(BaseSettings):
+    """The service's configuration; see `.env.example` for what each field means and why its default."""
+
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    environment: Literal["development", "production"] = "development"
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    redis_url: str | None = None
+    redis_key_prefix: str = "reformer-chat:"
+    redis_timeout_seconds: float = Field(default=2.0, gt=0)
+    data_dir: Path = Path("./data")
+
+    model_dir: Path | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    torch_threads: int = Field(default=0, ge=0)
+
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    admin_token: SecretStr | None = None
+
+    session_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=60)
+    session_lock_seconds: float = Field(default=30.0, ge=1.0)
+    max_message_chars: int = Field(default=4000, ge=1)
+    max_new_tokens: int = Field(default=256, ge=1)
+    default_temperature: float = Field(default=0.8, ge=0)
+    default_top_p: float = Field(default=0.95, gt=0, le=1)
+    default_top_k: int = Field(default=50, ge=0)
+    default_repetition_penalty: float = Field(default=1.1, gt=0)
+
+    state_cache_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
+    prefill_chunk_tokens: int = Field(default=512, ge=1)
+    max_running_requests: int = Field(default=8, ge=1)
+    max_waiting_requests: int = Field(default=32, ge=0)
+    retry_after_seconds: int = Field(default=2, ge=1)
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_api_keys(cls, value: object) -> object:
+        """API_KEYS is a comma-separated list in the environment; blanks are dropped."""
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    @field_validator("redis_url", "admin_token", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        """`REDIS_URL=` in a .env file means "not set", not "connect to the empty URL"."""
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("redis_key_prefix")
+    @classmethod
+    def _prefix_has_no_hash_tag(cls, value: str) -> str:
+        if "{" in value or "}" in value:
+            raise ValueError(
+                f"REDIS_KEY_PREFIX {value!r} contains a brace: keys use {{<session id>}} as their Redis "
+                "Cluster hash tag, and a brace in the prefix would become the tag instead; remove it"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _refuse_open_production(self) -> Settings:
+        """Production must not run open: an unset key list would expose every session to everyone."""
+        if self.environment == "production":
+            missing = [
+                name
+                for name, value in (("API_KEYS", self.api_keys), ("ADMIN_TOKEN", self.admin_token))
+                if not value
+            ]
+            if missing:
+                raise ValueError(
+                    f"ENVIRONMENT=production requires {' and '.join(missing)}: set them, or use "
+                    "ENVIRONMENT=development for a local, unauthenticated server"
+                )
+        return self
+
+    @property
+    def resolved_model_dir(self) -> Path:
+        """MODEL_DIR, or the shipped checkpoint when unset."""
+        return self.model_dir if self.model_dir is not None else SHIPPED_MODEL_DIR
+
+    @property
+    def max_body_bytes(self) -> int:
+        """Largest accepted request body: the longest message, JSON-escaped at worst (6 bytes per
+        character, `\\uXXXX`), plus room for the sampling fields."""
+        return 6 * self.max_message_chars + 16 * 1024

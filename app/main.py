@@ -1,0 +1,143 @@
+"""create_app(): the app factory. The lifespan wires settings -> store -> model -> engine -> routes.
+
+Nothing is created at import time: no settings read, no Redis client, no model load. Every app (tests
+build several in one process) gets its own store, engine, state cache and metrics registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from fastapi import FastAPI
+from redis.asyncio import Redis
+
+from app.auth import AdminAuth, ApiKeyAuth
+from app.chat import ChatService
+from app.config import Settings
+from app.embedded_redis import EmbeddedRedis
+from app.engine import ChatEngine
+from app.errors import StoreUnavailable, install_error_handlers
+from app.limits import BodySizeLimit
+from app.metrics import Metrics
+from app.routes import admin, chat, sessions, stream
+from app.services import Services
+from app.store import SessionStore
+from model.checkpoint import load_checkpoint
+from model.reformer import ReformerLM
+from model.tokenizer import ChatTokenizer
+
+logger = logging.getLogger(__name__)
+
+
+class ModelNotFound(RuntimeError):
+    """MODEL_DIR does not point at a checkpoint directory."""
+
+
+def load_model(settings: Settings) -> tuple[ReformerLM, ChatTokenizer, Path]:
+    """Load MODEL_DIR (default: the shipped checkpoint), with an error that says how to fix a bad path."""
+    path = settings.resolved_model_dir
+    if not path.is_dir():
+        raise ModelNotFound(
+            f"no model checkpoint at {path}: set MODEL_DIR to a checkpoint directory (train one with "
+            "`python -m model.train --preset small --out runs/small`, which writes runs/small/checkpoint), "
+            "or restore the shipped checkpoints/reformer-chat-small in the repository"
+        )
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    model, tokenizer = load_checkpoint(path, device=settings.device)
+    return model, tokenizer, path
+
+
+def _connect_redis(settings: Settings, url: str) -> Redis:
+    # Short timeouts: a Redis that stopped answering should become a quick 503, not a hung request.
+    # redis-py reconnects on the next command once the server is back.
+    timeout = settings.redis_timeout_seconds
+    return Redis.from_url(
+        url, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=30
+    )
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    async with AsyncExitStack() as stack:
+        metrics = Metrics()
+        url = settings.redis_url
+        if url is None:
+            embedded = EmbeddedRedis(settings.data_dir)
+            url = await asyncio.to_thread(embedded.start)
+            stack.callback(embedded.stop)
+        client = _connect_redis(settings, url)
+        stack.push_async_callback(client.aclose)
+        store = SessionStore(
+            client,
+            prefix=settings.redis_key_prefix,
+            ttl_seconds=settings.session_ttl_seconds,
+            lock_seconds=settings.session_lock_seconds,
+            retry_after=settings.retry_after_seconds,
+            metrics=metrics,
+        )
+        model, tokenizer, checkpoint = await asyncio.to_thread(load_model, settings)
+        engine = ChatEngine(
+            model,
+            metrics=metrics,
+            cache_bytes=settings.state_cache_bytes,
+            max_running=settings.max_running_requests,
+            max_waiting=settings.max_waiting_requests,
+            prefill_chunk=settings.prefill_chunk_tokens,
+            retry_after=settings.retry_after_seconds,
+        )
+        engine.start()
+        stack.callback(engine.stop)
+        model_info: dict[str, Any] = {"config": model.config.to_dict(), "parameters": model.num_parameters()}
+        app.state.services = Services(
+            settings=settings,
+            metrics=metrics,
+            store=store,
+            engine=engine,
+            chat=ChatService(store, engine, tokenizer, settings),
+            api_keys=ApiKeyAuth(settings.api_keys),
+            admin=AdminAuth(settings.admin_token.get_secret_value() if settings.admin_token else None),
+            checkpoint=checkpoint,
+            model_info=model_info,
+            started_at=time.monotonic(),
+        )
+        _warn_about_open_access(settings)
+        try:
+            await store.ping()
+        except StoreUnavailable:
+            logger.warning("Redis at %s is not answering yet; /admin/ready reports 503 until it does", url)
+        logger.info(
+            "serving %s (%d parameters) on %s; Redis %s",
+            checkpoint,
+            model_info["parameters"],
+            engine.device,
+            "embedded" if settings.redis_url is None else "at REDIS_URL",
+        )
+        yield
+
+
+def _warn_about_open_access(settings: Settings) -> None:
+    if not settings.api_keys:
+        logger.warning("API_KEYS is not set: the chat API is open to anyone who can reach this server")
+    if settings.admin_token is None:
+        logger.warning("ADMIN_TOKEN is not set: /admin/metrics and /admin/info are open")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app; settings come from the environment and `.env` when not given."""
+    settings = settings if settings is not None else Settings()
+    app = FastAPI(title="reformer-chat", summary="Long-context chat on a Reformer LM", lifespan=_lifespan)
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    for module in (sessions, chat, stream, admin):
+        app.include_router(module.router)
+    return app

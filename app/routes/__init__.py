@@ -1,0 +1,1 @@
+"""One router module per surface: sessions and chat (REST), stream (websocket), admin."""

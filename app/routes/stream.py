@@ -1,0 +1,158 @@
+"""Websocket `/v1/sessions/{id}/stream`: several turns per connection, tokens streamed as generated.
+
+Client frames: `{"type": "message", "content": ..., <sampling fields>}` and `{"type": "cancel"}`.
+Server frames: `start`, `token` (texts concatenate to exactly the stored reply), `done`, `error`.
+One turn at a time per connection: a message sent while a reply is streaming gets an error frame
+(`session_busy`), as a second turn on a busy session gets 409 over REST. A bad frame gets an error frame
+and the socket stays usable; a failed auth closes with 1008. A disconnect or a cancel stops generation
+within one decode step, and the turn is stored with what was generated, as "cancelled".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from typing import Any
+
+from fastapi import APIRouter, WebSocket
+from pydantic import TypeAdapter, ValidationError
+from starlette.websockets import WebSocketDisconnect
+
+from app.auth import bearer_token
+from app.chat import ChatService, Turn
+from app.deps import ServicesDep, valid_session_id
+from app.errors import InvalidRequest, ServiceError, SessionBusy, StoreUnavailable, Unauthorized
+from app.routes.chat import reply_out
+from app.schemas import CancelFrame, ClientFrame, MessageFrame
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter(tags=["stream"])
+
+_FRAME = TypeAdapter(ClientFrame)
+# Errors that mean the client is gone: sending to it is pointless.
+_GONE = (WebSocketDisconnect, RuntimeError, OSError)
+
+
+def _frame_error(exc: ValidationError) -> InvalidRequest:
+    problems = "; ".join(
+        f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" if e["loc"] else e["msg"] for e in exc.errors()
+    )
+    return InvalidRequest(f"bad frame: {problems}")
+
+
+class _Connection:
+    """One accepted websocket: a reader task for client frames, the main task for turns."""
+
+    def __init__(self, websocket: WebSocket, chat: ChatService, owner: str, session_id: str) -> None:
+        self._ws = websocket
+        self._chat = chat
+        self._owner = owner
+        self._session_id = session_id
+        self._send_lock = asyncio.Lock()
+        self._inbox: asyncio.Queue[MessageFrame | None] = asyncio.Queue()
+        self._busy = False  # a message is queued or its turn is running
+        self._turn: Turn | None = None
+
+    async def run(self) -> None:
+        reader = asyncio.create_task(self._read())
+        try:
+            while (frame := await self._inbox.get()) is not None:
+                try:
+                    await self._run_turn(frame)
+                except ServiceError as exc:
+                    await self._send_error(exc)
+                finally:
+                    self._busy = False
+        except _GONE:
+            logger.debug("websocket of session %s went away mid-turn", self._session_id)
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+
+    async def _read(self) -> None:
+        """Parse client frames; cancel acts at once, a message goes to the main task when idle."""
+        try:
+            while True:
+                message = await self._ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    return
+                frame = await self._parse(message)
+                if frame is None:
+                    continue
+                if isinstance(frame, CancelFrame):
+                    if self._turn is not None:
+                        self._turn.cancel()
+                elif self._busy:
+                    await self._send_error(SessionBusy(self._session_id))
+                else:
+                    self._busy = True
+                    self._inbox.put_nowait(frame)
+        except _GONE:
+            return
+        finally:
+            if self._turn is not None:
+                self._turn.cancel()  # a disconnect stops generation within one decode step
+            self._inbox.put_nowait(None)
+
+    async def _parse(self, message: dict[str, Any]) -> MessageFrame | CancelFrame | None:
+        """The frame, or None after sending an error frame for a bad one."""
+        raw = message.get("text")
+        if raw is None and message.get("bytes") is not None:
+            raw = message["bytes"].decode("utf-8", errors="replace")
+        try:
+            return _FRAME.validate_json(raw or "")
+        except ValidationError as exc:
+            await self._send_error(_frame_error(exc))
+            return None
+
+    async def _run_turn(self, frame: MessageFrame) -> None:
+        chat = self._chat
+        content = chat.check_content(frame.content)
+        params = chat.sampling_params(frame)
+        async with chat.turn(self._owner, self._session_id, content, params) as turn:
+            self._turn = turn
+            try:
+                await self._send(
+                    {"type": "start", "session_id": self._session_id, "prompt_tokens": len(turn.prompt_ids)}
+                )
+                async for piece in turn.pieces():
+                    await self._send({"type": "token", "text": piece})
+                outcome = await turn.finish()
+            finally:
+                self._turn = None
+        await self._send({"type": "done", **reply_out(outcome).model_dump(exclude_none=True)})
+
+    async def _send(self, frame: dict[str, Any]) -> None:
+        async with self._send_lock:
+            await self._ws.send_text(json.dumps(frame, ensure_ascii=False))
+
+    async def _send_error(self, exc: ServiceError) -> None:
+        with contextlib.suppress(*_GONE):
+            await self._send({"type": "error", **exc.body()})
+
+
+@router.websocket("/v1/sessions/{session_id}/stream")
+async def stream(websocket: WebSocket, session_id: str, services: ServicesDep) -> None:
+    await websocket.accept()
+    token = bearer_token(websocket.headers.get("authorization")) or websocket.query_params.get("api_key")
+    try:
+        owner = services.api_keys.owner(token)
+    except Unauthorized:
+        await websocket.close(code=1008, reason="unauthorized")
+        return
+    try:
+        valid_session_id(session_id)
+        await services.chat.get_session(owner, session_id, with_messages=False)
+    except StoreUnavailable as exc:
+        await websocket.send_text(json.dumps({"type": "error", **exc.body()}))
+        await websocket.close(code=1013, reason="store unavailable")  # 1013: try again later
+        return
+    except ServiceError as exc:
+        await websocket.send_text(json.dumps({"type": "error", **exc.body()}))
+        await websocket.close(code=1008, reason=exc.code)
+        return
+    await _Connection(websocket, services.chat, owner, session_id).run()

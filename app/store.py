@@ -1,0 +1,343 @@
+"""SessionStore: the conversation record in Redis.
+
+One conversation is a few keys that share the hash tag `{<session id>}` (so they sit on one Redis Cluster
+slot and one Lua script may touch them all):
+
+    {prefix}chat:{<id>}:meta   hash: owner, created_at, updated_at
+    {prefix}chat:{<id>}:msgs   list: one JSON object per message, in order
+    {prefix}chat:{<id>}:ids    string: the conversation's token ids, little-endian uint32, appended per turn
+    {prefix}chat:{<id>}:lock   string: the per-session turn lock (random token, expires unless renewed)
+
+The token ids are what rebuilds a decode state, so a turn never re-tokenises history; a string lets a turn
+read just the tail it needs (GETRANGE) instead of the whole conversation. Every multi-key change is one Lua
+script, so no reader ever sees a half turn, and every access slides the TTL of all three data keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import numpy as np
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+
+from app.errors import SessionBusy, SessionNotFound, StoreUnavailable
+from app.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+_ID_BYTES = 4  # one token id = one little-endian uint32 in the ids string
+_ID_DTYPE = "<u4"
+
+# KEYS: meta, msgs, ids. ARGV: owner, ttl_ms, with_messages ("1"/"0").
+# -> false when missing or owned by another key, else {created_at, ids_bytes, messages...}.
+_READ = """
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return false end
+for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ARGV[2]) end
+local out = {redis.call('HGET', KEYS[1], 'created_at'), redis.call('STRLEN', KEYS[3])}
+if ARGV[3] == '1' then
+  for _, m in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do table.insert(out, m) end
+end
+return out
+"""
+
+# KEYS: meta, msgs, ids. ARGV: owner. -> 1 deleted, 0 missing or another key's.
+_DELETE = """
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+return 1
+"""
+
+# KEYS: meta, ids, lock. ARGV: owner, token, lock_ms, ttl_ms.
+# -> -1 missing or another key's, -2 locked by someone else, else the ids length in bytes.
+_LOCK = """
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return -1 end
+if not redis.call('SET', KEYS[3], ARGV[2], 'NX', 'PX', ARGV[3]) then return -2 end
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+return redis.call('STRLEN', KEYS[2])
+"""
+
+# KEYS: lock. ARGV: token [, lock_ms]. Only the holder may release or extend its lock.
+_UNLOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+# KEYS: meta, msgs, ids, lock. ARGV: owner, token, ttl_ms, expected_ids_bytes, new_ids, updated_at, msg...
+# -> -1 session gone, -2 lock lost, -3 ids changed under us, else the new ids length in bytes.
+_APPEND_TURN = """
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return -1 end
+if redis.call('GET', KEYS[4]) ~= ARGV[2] then return -2 end
+if redis.call('STRLEN', KEYS[3]) ~= tonumber(ARGV[4]) then return -3 end
+redis.call('APPEND', KEYS[3], ARGV[5])
+for i = 7, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
+redis.call('HSET', KEYS[1], 'updated_at', ARGV[6])
+for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
+return redis.call('STRLEN', KEYS[3])
+"""
+
+
+def utc_now() -> str:
+    """ISO 8601 in UTC with milliseconds: sortable as text and unambiguous for clients."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def new_session_id() -> str:
+    """192 random bits, URL-safe and free of the braces that delimit the key's hash tag."""
+    return secrets.token_urlsafe(24)
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    role: str
+    content: str
+    created_at: str
+    finish_reason: str | None = None
+
+    def to_json(self) -> str:
+        data = {"role": self.role, "content": self.content, "created_at": self.created_at}
+        if self.finish_reason is not None:
+            data["finish_reason"] = self.finish_reason
+        return json.dumps(data, ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> StoredMessage:
+        data = json.loads(raw)
+        return cls(data["role"], data["content"], data["created_at"], data.get("finish_reason"))
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    session_id: str
+    created_at: str
+    context_tokens: int  # token ids stored so far: what a rebuilt decode state would have seen
+    messages: tuple[StoredMessage, ...] = ()
+
+
+@dataclass(frozen=True)
+class TurnLock:
+    """Proof of holding a session's turn lock: the random token, and the token count read with it."""
+
+    token: str
+    context_tokens: int
+
+
+class TurnConflict(RuntimeError):
+    """The turn could not be written: the session was deleted, or the lock was lost, meanwhile."""
+
+    def __init__(self, session_id: str, reason: str, *, deleted: bool = False) -> None:
+        super().__init__(f"session {session_id}: turn not stored because {reason}")
+        self.deleted = deleted
+
+
+class SessionStore:
+    """Async access to conversations; every Redis failure surfaces as StoreUnavailable (503)."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        prefix: str,
+        ttl_seconds: int,
+        lock_seconds: float,
+        retry_after: int,
+        metrics: Metrics,
+    ) -> None:
+        self._redis = redis
+        self._prefix = prefix
+        self._ttl_ms = int(ttl_seconds * 1000)
+        self.lock_ms = int(lock_seconds * 1000)
+        self._retry_after = retry_after
+        self._metrics = metrics
+        self._read = redis.register_script(_READ)
+        self._delete = redis.register_script(_DELETE)
+        self._lock = redis.register_script(_LOCK)
+        self._unlock = redis.register_script(_UNLOCK)
+        self._renew = redis.register_script(_RENEW)
+        self._append_turn = redis.register_script(_APPEND_TURN)
+
+    def key(self, session_id: str, part: str) -> str:
+        return f"{self._prefix}chat:{{{session_id}}}:{part}"
+
+    def _data_keys(self, session_id: str) -> list[str]:
+        return [self.key(session_id, "meta"), self.key(session_id, "msgs"), self.key(session_id, "ids")]
+
+    @asynccontextmanager
+    async def _op(self, name: str) -> AsyncIterator[None]:
+        """Time one Redis operation and turn "Redis is not answering" into a 503 the client can retry."""
+        start = time.perf_counter()
+        try:
+            yield
+        except redis_errors.RedisError as exc:
+            self._metrics.redis_errors.labels(name).inc()
+            if isinstance(exc, redis_errors.ResponseError):
+                logger.error("redis rejected %s: %s", name, exc)
+            else:
+                logger.warning("redis unavailable during %s: %s", name, exc)
+            raise StoreUnavailable(
+                f"the conversation store is unavailable ({type(exc).__name__}); retry shortly",
+                retry_after=self._retry_after,
+            ) from exc
+        finally:
+            self._metrics.redis_latency.labels(name).observe(time.perf_counter() - start)
+
+    async def ping(self) -> None:
+        async with self._op("ping"):
+            await self._redis.ping()
+
+    async def create(self, owner: str) -> SessionRecord:
+        session_id, created_at = new_session_id(), utc_now()
+        meta = self.key(session_id, "meta")
+        async with self._op("create"), self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(meta, mapping={"owner": owner, "created_at": created_at, "updated_at": created_at})
+            pipe.pexpire(meta, self._ttl_ms)
+            await pipe.execute()
+        return SessionRecord(session_id, created_at, 0)
+
+    async def get(self, session_id: str, owner: str, *, with_messages: bool = True) -> SessionRecord:
+        """The session (sliding its TTL); SessionNotFound when missing or another key's."""
+        async with self._op("get"):
+            raw = await self._read(
+                keys=self._data_keys(session_id), args=[owner, self._ttl_ms, "1" if with_messages else "0"]
+            )
+        if raw is None:
+            raise SessionNotFound(session_id)
+        created_at, ids_bytes, *messages = raw
+        return SessionRecord(
+            session_id,
+            created_at.decode(),
+            int(ids_bytes) // _ID_BYTES,
+            tuple(StoredMessage.from_json(m) for m in messages),
+        )
+
+    async def delete(self, session_id: str, owner: str) -> None:
+        async with self._op("delete"):
+            deleted = await self._delete(keys=self._data_keys(session_id), args=[owner])
+        if not deleted:
+            raise SessionNotFound(session_id)
+
+    async def read_ids(self, session_id: str, start: int, stop: int) -> list[int]:
+        """Token ids [start, stop) of the conversation: only the tail a turn has not fed yet."""
+        if stop <= start:
+            return []
+        async with self._op("read_ids"):
+            data = await self._redis.getrange(
+                self.key(session_id, "ids"), start * _ID_BYTES, stop * _ID_BYTES - 1
+            )
+        if len(data) != (stop - start) * _ID_BYTES:
+            raise TurnConflict(session_id, f"its token ids are shorter than the {stop} its lock reported")
+        return np.frombuffer(data, dtype=_ID_DTYPE).tolist()
+
+    async def try_lock(self, session_id: str, owner: str, token: str) -> int | None:
+        """Take the session's turn lock. Returns the stored token count, or None when another turn holds
+        the lock (here or on another replica); SessionNotFound when missing or another key's."""
+        async with self._op("lock"):
+            result = int(
+                await self._lock(
+                    keys=[
+                        self.key(session_id, "meta"),
+                        self.key(session_id, "ids"),
+                        self.key(session_id, "lock"),
+                    ],
+                    args=[owner, token, self.lock_ms, self._ttl_ms],
+                )
+            )
+        if result == -1:
+            raise SessionNotFound(session_id)
+        return None if result == -2 else result // _ID_BYTES
+
+    async def renew_lock(self, session_id: str, token: str) -> bool:
+        async with self._op("renew_lock"):
+            return bool(await self._renew(keys=[self.key(session_id, "lock")], args=[token, self.lock_ms]))
+
+    async def unlock(self, session_id: str, token: str) -> None:
+        async with self._op("unlock"):
+            await self._unlock(keys=[self.key(session_id, "lock")], args=[token])
+
+    async def append_turn(
+        self,
+        session_id: str,
+        owner: str,
+        token: str,
+        *,
+        expected_tokens: int,
+        new_ids: Sequence[int],
+        messages: Sequence[StoredMessage],
+    ) -> int:
+        """Append one turn (its messages and token ids) atomically; returns the new token count.
+
+        Only the lock holder may write, and only onto the token count it read when it took the lock, so
+        two replicas can never interleave turns even if a lock expired. TurnConflict otherwise.
+        """
+        ids_blob = np.asarray(new_ids, dtype=_ID_DTYPE).tobytes()
+        async with self._op("append_turn"):
+            result = int(
+                await self._append_turn(
+                    keys=[*self._data_keys(session_id), self.key(session_id, "lock")],
+                    args=[
+                        owner,
+                        token,
+                        self._ttl_ms,
+                        expected_tokens * _ID_BYTES,
+                        ids_blob,
+                        utc_now(),
+                        *(m.to_json() for m in messages),
+                    ],
+                )
+            )
+        reasons = {-1: "the session was deleted", -2: "its turn lock was lost", -3: "its token ids changed"}
+        if result in reasons:
+            raise TurnConflict(session_id, reasons[result], deleted=result == -1)
+        return result // _ID_BYTES
+
+    @asynccontextmanager
+    async def turn_lock(self, session_id: str, owner: str) -> AsyncIterator[TurnLock]:
+        """Hold the session's turn lock for the body; SessionBusy (409) when another turn has it.
+
+        The lock lives in Redis (SET NX PX with a random token, released by a script that checks the
+        token), so it serialises turns across replicas; it is renewed while held, so a long generation
+        keeps it, and a crashed holder's lock simply expires.
+        """
+        token = secrets.token_hex(16)
+        context_tokens = await self.try_lock(session_id, owner, token)
+        if context_tokens is None:
+            raise SessionBusy(session_id)
+        renewer = asyncio.create_task(self._keep_renewed(session_id, token))
+        try:
+            yield TurnLock(token, context_tokens)
+        finally:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
+            try:
+                await self.unlock(session_id, token)
+            except StoreUnavailable:
+                logger.warning(
+                    "could not release the lock of session %s; it expires in %d ms", session_id, self.lock_ms
+                )
+
+    async def _keep_renewed(self, session_id: str, token: str) -> None:
+        while True:
+            await asyncio.sleep(self.lock_ms / 3000)
+            try:
+                if not await self.renew_lock(session_id, token):
+                    logger.warning(
+                        "lost the turn lock of session %s; its turn will not be stored", session_id
+                    )
+                    return
+            except StoreUnavailable:
+                continue  # keep trying: Redis may come back before the lock would expire
