@@ -1,0 +1,359 @@
+"""Measurement harness shared by the benchmarks: isolated child runs, peak memory, timing, skip rules, output.
+
+Why a child process per measurement: one OOM, crash or hang costs one table cell, not the run; and the
+child's peak memory is its own, not inflated by whatever an earlier measurement left in the allocator.
+
+Peak memory on the CPU: the child resets its resident-set high-water mark (``echo 5 >
+/proc/self/clear_refs``, which also resets ``ru_maxrss``), reads its RSS right before the step, runs the step,
+and reports ``ru_maxrss - RSS_before``: the extra resident memory the step needed at its peak. It is measured
+on the first (cold) step of a fresh process, because later steps reuse memory that glibc kept from earlier
+ones, which would hide part of the peak. On CUDA: ``max_memory_allocated() - memory_allocated()`` around the
+step, after ``reset_peak_memory_stats()``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+LOG = logging.getLogger("bench")
+RESULT_MARK = "BENCH_RESULT "
+GB = 1024**3
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+# ---- inside the child ----------------------------------------------------------------------------------
+class PeakMemory:
+    """Extra peak memory of one region of code, on the CPU (RSS high-water mark) or CUDA (allocator)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.baseline = 0
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.baseline = torch.cuda.memory_allocated(self.device)
+            return
+        # Without the reset, the high-water mark could come from model construction instead of the step.
+        Path("/proc/self/clear_refs").write_text("5")
+        self.baseline = _rss_bytes()
+
+    def peak(self) -> int:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) - self.baseline
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.baseline
+
+
+def _rss_bytes(pid: int | str = "self") -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued kernels, so a timer measures work rather than launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_step(step: Callable[[], None], device: torch.device, reps: int) -> dict[str, Any]:
+    """Peak memory from the cold first step, then the median time of ``reps`` more (or the cold one if 0)."""
+    meter = PeakMemory(device)
+    load_before = os.getloadavg()[0]
+    meter.start()
+    start, cpu_start = time.perf_counter(), time.process_time()
+    step()
+    sync(device)
+    cold_s, cold_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
+    peak = meter.peak()
+    times, cpu_times = [], []
+    for _ in range(reps):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
+    return {
+        "time_s": statistics.median(times) if times else cold_s,
+        # CPU seconds of all the child's threads: less sensitive than wall time to other users' load.
+        "cpu_s": statistics.median(cpu_times) if cpu_times else cold_cpu_s,
+        "times_s": times,
+        "cold_s": cold_s,
+        "timed_cold": not times,
+        "peak_bytes": peak,
+        # 1-minute load average around the measurement: above --threads means others shared the cores.
+        "load": [load_before, os.getloadavg()[0]],
+    }
+
+
+def setup_child(spec: dict[str, Any]) -> torch.device:
+    """Threads and seed exactly as the parent asked, the same for every subject."""
+    torch.set_num_threads(int(spec["threads"]))
+    torch.manual_seed(int(spec.get("seed", 0)))
+    return torch.device(spec["device"])
+
+
+# ---- in the parent -------------------------------------------------------------------------------------
+def run_isolated(target: str, spec: dict[str, Any], timeout_s: float, mem_limit_bytes: int) -> dict[str, Any]:
+    """Run ``target`` ("module:function") on ``spec`` in a fresh interpreter and return its result dict.
+
+    A watchdog kills the child when its RSS passes ``mem_limit_bytes`` or it runs past ``timeout_s``; the
+    result then says ``{"skipped": reason}`` so the table shows why the cell is empty.
+    """
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), PYTHONPATH=str(REPO_ROOT))
+    cmd = [sys.executable, "-m", "bench._worker", target, json.dumps(spec)]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    start = time.monotonic()
+    reason = None
+    max_rss = 0
+    while proc.poll() is None:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            max_rss = max(max_rss, _rss_bytes(proc.pid))
+        if max_rss > mem_limit_bytes:
+            reason = f"memory guard: RSS passed {mem_limit_bytes / GB:.0f} GB"
+        elif time.monotonic() - start > timeout_s:
+            reason = f"timeout after {timeout_s:.0f} s"
+        if reason:
+            proc.kill()
+            break
+        time.sleep(0.05)
+    out, err = proc.communicate()
+    if reason:
+        return {"skipped": reason}
+    for line in reversed(out.splitlines()):
+        if line.startswith(RESULT_MARK):
+            return json.loads(line[len(RESULT_MARK) :])
+    tail = " | ".join(err.strip().splitlines()[-3:])
+    return {"skipped": f"crashed (exit {proc.returncode}): {tail[-300:]}"}
+
+
+def extrapolate(points: list[tuple[float, float]], x: float) -> float | None:
+    """Power-law guess at ``x`` from the last two (x, y) points: enough to skip a case that cannot fit."""
+    usable = [(px, py) for px, py in points if py and py > 0]
+    if not usable:
+        return None
+    if len(usable) == 1:
+        (x0, y0) = usable[0]
+        return y0 * x / x0
+    (x0, y0), (x1, y1) = usable[-2], usable[-1]
+    exponent = max(1.0, math.log(y1 / y0) / math.log(x1 / x0)) if x1 != x0 else 1.0
+    return y1 * (x / x1) ** exponent
+
+
+def plan_reps(predicted_s: float | None, quick: bool) -> int:
+    """Timed repetitions after the cold step: several for fast steps, none once one step is long."""
+    if quick:
+        return 1
+    if predicted_s is None or predicted_s < 5:
+        return 3
+    return 2 if predicted_s < 30 else 0
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    """The parent's limits, from the command line; the same for every subject so skips are comparable."""
+
+    device: str
+    threads: int
+    quick: bool
+    timeout_s: float
+    mem_limit_bytes: int
+    max_step_s: float
+
+
+def add_common_args(parser: argparse.ArgumentParser, default_out: str) -> None:
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads in each child (CPU)")
+    parser.add_argument("--quick", action="store_true", help="small smoke run: short lengths, one rep")
+    parser.add_argument("--out", type=Path, default=Path(default_out), help="JSON path; the PNG goes beside")
+    parser.add_argument("--vocab", type=int, default=8000)
+    parser.add_argument(
+        "--mem-limit-gb",
+        type=float,
+        default=16.0,
+        help="skip (or kill) a case whose resident memory would pass this",
+    )
+    parser.add_argument("--case-timeout", type=float, default=900.0, help="kill one case after this many s")
+    parser.add_argument(
+        "--max-step-s",
+        type=float,
+        default=240.0,
+        help="skip a case when its predicted single step exceeds this many seconds",
+    )
+
+
+def sweep_options(args: argparse.Namespace) -> SweepOptions:
+    return SweepOptions(
+        device=args.device,
+        threads=args.threads,
+        quick=args.quick,
+        timeout_s=args.case_timeout,
+        mem_limit_bytes=int(args.mem_limit_gb * GB),
+        max_step_s=args.max_step_s,
+    )
+
+
+def sweep(
+    target: str,
+    specs: list[dict[str, Any]],
+    x_key: str,
+    opts: SweepOptions,
+    on_row: Callable[[dict[str, Any]], None],
+) -> list[dict[str, Any]]:
+    """Run each spec in its own child, in order, skipping what earlier sizes show cannot fit.
+
+    Specs of one series (same ``model`` and ``mode``) must come in increasing ``x_key``: the last two
+    results predict the next one's step time and peak memory (power law), and a series that was skipped
+    or failed at a smaller size is not retried at a bigger one.
+    """
+    rows: list[dict[str, Any]] = []
+    for spec in specs:
+        series = [r for r in rows if (r["model"], r.get("mode")) == (spec["model"], spec.get("mode"))]
+        x = spec[x_key]
+        t_pred = extrapolate([(r[x_key], r["time_s"]) for r in series if "time_s" in r], x)
+        m_pred = extrapolate([(r[x_key], r["peak_bytes"]) for r in series if "peak_bytes" in r], x)
+        reason = None
+        failed = [r for r in series if "skipped" in r]
+        if failed:
+            reason = f"not run: skipped at {x_key} {failed[0][x_key]}"
+        elif t_pred is not None and t_pred > opts.max_step_s:
+            reason = f"predicted ~{t_pred:.0f} s per step > {opts.max_step_s:.0f} s limit"
+        elif m_pred is not None and m_pred > opts.mem_limit_bytes:
+            reason = f"predicted ~{m_pred / GB:.1f} GB > {opts.mem_limit_bytes / GB:.0f} GB limit"
+        full = dict(spec, device=opts.device, threads=opts.threads, reps=plan_reps(t_pred, opts.quick))
+        result = (
+            {"skipped": reason}
+            if reason
+            else run_isolated(target, full, opts.timeout_s, opts.mem_limit_bytes)
+        )
+        row = {**full, **result}
+        rows.append(row)
+        on_row(row)
+    return rows
+
+
+def find(rows: list[dict[str, Any]], **match: Any) -> dict[str, Any] | None:
+    """The row whose fields equal ``match`` (None when that case is not in the run)."""
+    for row in rows:
+        if all(row.get(k) == v for k, v in match.items()):
+            return row
+    return None
+
+
+def environment(device: str, threads: int) -> dict[str, Any]:
+    """What produced the numbers, stored next to them."""
+    import importlib.metadata as md
+
+    versions = {}
+    for dist in ("torch", "transformers", "reformer-pytorch"):
+        try:
+            versions[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            versions[dist] = None
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+    except OSError:
+        commit = ""
+    cpu = platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [
+            ln.split(":", 1)[1].strip()
+            for ln in cpuinfo.read_text().splitlines()
+            if ln.startswith("model name")
+        ]
+        cpu = names[0] if names else cpu
+    return {
+        "device": device,
+        "threads": threads,
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "versions": versions,
+        "git_commit": commit,
+        "argv": sys.argv,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def fmt_time(result: dict[str, Any] | None, key: str = "time_s") -> str:
+    if result is None:
+        return "-"
+    if "skipped" in result:
+        return f"skipped: {result['skipped']}"
+    value = result[key]
+    return f"{value * 1000:.1f} ms" if value < 1 else f"{value:.2f} s"
+
+
+def fmt_bytes(result: dict[str, Any] | None, key: str = "peak_bytes") -> str:
+    if result is None or "skipped" in result:
+        return "-"
+    value = result[key]
+    return f"{value / 1024**2:.0f} MB" if value < GB else f"{value / GB:.2f} GB"
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+Series = dict[str, list[tuple[float, float]]]
+
+
+def plot(path: Path, panels: list[tuple[str, str, Series]], xlabel: str) -> None:
+    """Side-by-side log-log panels (title, y label, name -> points); x is log2 since lengths/depths double."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
+    for ax, (title, ylabel, series) in zip(axes[0], panels, strict=True):
+        for name, points in series.items():
+            if points:
+                xs, ys = zip(*sorted(points), strict=True)
+                ax.plot(xs, ys, marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,229 @@
+"""Training step and forward pass, time and peak memory, vs sequence length: ours against the peers.
+
+Why: the Reformer's claim is that LSH attention makes long sequences affordable. This measures it side
+by side in one run (same machine, same load, same sizes) and checks the issue's targets as ratios:
+- training step at 16K and 32K: ours >= 2x faster than the fastest of HF, reformer-pytorch and our exact
+  "full" layers, at <= half the peak memory of the fastest peer;
+- forward time per token at 64K within 1.5x of that at 4K (cost linear in length).
+
+Run from the repository root: ``python -m bench.attention`` (``--quick`` for a smoke run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+import torch
+
+from bench import peers
+from bench._common import (
+    LOG,
+    add_common_args,
+    environment,
+    find,
+    fmt_bytes,
+    fmt_time,
+    markdown_table,
+    measure_step,
+    plot,
+    setup_child,
+    sweep,
+    sweep_options,
+    write_json,
+)
+
+DEFAULT_LENGTHS = (1024, 4096, 16384, 32768, 65536)
+QUICK_LENGTHS = (1024, 2048)
+DEFAULT_MODELS = ("ours-lsh", "ours-local-lsh", "ours-full", "hf", "rp")
+OURS = ("ours-lsh", "ours-local-lsh")
+# "Peers" for the speed target: the two libraries and our own exact attention.
+SPEED_RIVALS = ("hf", "rp", "ours-full")
+MEMORY_RIVALS = ("hf", "rp")
+MODES = ("train", "forward")
+
+
+def measure(spec: dict[str, Any]) -> dict[str, Any]:
+    """Child side: build one subject, run one mode at one length, return time and peak memory."""
+    device = setup_child(spec)
+    subject = peers.build(spec["model"], spec["depth"], spec["vocab"], spec["length"])
+    module = subject.module.to(device)
+    shape = (spec["batch"], spec["length"])
+    # Ids from 3 up: 0-2 are HF's pad/eos ids, which it treats specially.
+    ids = torch.randint(3, spec["vocab"], shape, device=device)
+    targets = torch.randint(3, spec["vocab"], shape, device=device)
+    if spec["mode"] == "train":
+        module.train()
+
+        def step() -> None:
+            module.zero_grad(set_to_none=True)
+            subject.train_loss(ids, targets).backward()
+    else:
+        module.eval()
+
+        def step() -> None:
+            with torch.no_grad():
+                subject.forward(ids)
+
+    result = measure_step(step, device, spec["reps"])
+    result["settings"] = subject.settings
+    result["parameters"] = sum(p.numel() for p in module.parameters())
+    return result
+
+
+def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's targets, each a ratio of two cells of this run (None where a cell is missing)."""
+    out = []
+    for ours in OURS:
+        for length in (16384, 32768):
+            mine = find(rows, model=ours, mode="train", length=length)
+            rivals = [
+                r
+                for m in SPEED_RIVALS
+                if (r := find(rows, model=m, mode="train", length=length)) and "time_s" in r
+            ]
+            peers_ = [r for r in rivals if r["model"] in MEMORY_RIVALS]
+            if mine is None or "time_s" not in mine or not rivals:
+                continue
+            fastest = min(rivals, key=lambda r: r["time_s"])
+            speedup = fastest["time_s"] / mine["time_s"]
+            out.append(
+                {
+                    "target": f"train step {length // 1024}K: >= 2x faster than fastest rival",
+                    "subject": ours,
+                    "against": fastest["model"],
+                    "value": speedup,
+                    "goal": ">= 2.0",
+                    "met": speedup >= 2.0,
+                }
+            )
+            if peers_:
+                fastest_peer = min(peers_, key=lambda r: r["time_s"])
+                ratio = mine["peak_bytes"] / fastest_peer["peak_bytes"]
+                out.append(
+                    {
+                        "target": f"train peak memory {length // 1024}K: <= 0.5x fastest peer's",
+                        "subject": ours,
+                        "against": fastest_peer["model"],
+                        "value": ratio,
+                        "goal": "<= 0.5",
+                        "met": ratio <= 0.5,
+                    }
+                )
+        at4k = find(rows, model=ours, mode="forward", length=4096)
+        at64k = find(rows, model=ours, mode="forward", length=65536)
+        if at4k and at64k and "time_s" in at4k and "time_s" in at64k:
+            ratio = (at64k["time_s"] / 65536) / (at4k["time_s"] / 4096)
+            out.append(
+                {
+                    "target": "forward time/token 64K vs 4K: <= 1.5x",
+                    "subject": ours,
+                    "against": ours,
+                    "value": ratio,
+                    "goal": "<= 1.5",
+                    "met": ratio <= 1.5,
+                }
+            )
+    return out
+
+
+def tables(rows: list[dict[str, Any]], lengths: list[int], models: list[str]) -> str:
+    parts = []
+    for mode in MODES:
+        body = []
+        for model in models:
+            cells = []
+            for length in lengths:
+                row = find(rows, model=model, mode=mode, length=length)
+                if row is None or "skipped" in row:
+                    cells.append(fmt_time(row))
+                else:
+                    cells.append(f"{fmt_time(row)} / {fmt_bytes(row)}")
+            body.append([model, *cells])
+        title = "training step (forward + loss + backward)" if mode == "train" else "forward (no grad)"
+        parts.append(
+            f"**{title}: time / peak memory**\n\n"
+            + markdown_table(["model", *[f"{n // 1024}K" for n in lengths]], body)
+        )
+    goal_rows = [
+        [
+            t["target"],
+            t["subject"],
+            t["against"],
+            f"{t['value']:.2f}",
+            t["goal"],
+            "met" if t["met"] else "MISSED",
+        ]
+        for t in targets(rows)
+    ]
+    parts.append(
+        "**targets**\n\n" + markdown_table(["target", "ours", "against", "value", "goal", ""], goal_rows)
+    )
+    return "\n\n".join(parts)
+
+
+def plot_rows(rows: list[dict[str, Any]], models: list[str], path: Any) -> None:
+    def series(mode: str, key: str, scale: Any) -> dict[str, list[tuple[float, float]]]:
+        return {
+            m: [(r["length"], scale(r)) for r in rows if r["model"] == m and r["mode"] == mode and key in r]
+            for m in models
+        }
+
+    plot(
+        path,
+        [
+            ("training step time", "seconds", series("train", "time_s", lambda r: r["time_s"])),
+            (
+                "training step peak memory",
+                "GB",
+                series("train", "peak_bytes", lambda r: r["peak_bytes"] / 2**30),
+            ),
+            (
+                "forward time per token",
+                "µs/token",
+                series("forward", "time_s", lambda r: r["time_s"] / r["length"] * 1e6),
+            ),
+        ],
+        xlabel="sequence length (tokens)",
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_common_args(parser, "bench/results/attention.json")
+    parser.add_argument("--lengths", type=int, nargs="+", help=f"default {DEFAULT_LENGTHS}")
+    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=peers.SUBJECTS)
+    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=1)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    lengths = sorted(args.lengths or (QUICK_LENGTHS if args.quick else DEFAULT_LENGTHS))
+    specs = [
+        {"model": m, "mode": mode, "length": n, "depth": args.depth, "batch": args.batch, "vocab": args.vocab}
+        for n in lengths
+        for mode in MODES
+        for m in args.models
+    ]
+    payload: dict[str, Any] = {
+        "benchmark": "attention",
+        "environment": environment(args.device, args.threads),
+        "rows": [],
+    }
+
+    def on_row(row: dict[str, Any]) -> None:
+        LOG.info("%s %s L=%d: %s %s", row["model"], row["mode"], row["length"], fmt_time(row), fmt_bytes(row))
+        payload["rows"].append(row)
+        write_json(args.out, payload)  # after every case, so a long run can be inspected while it goes
+
+    rows = sweep("bench.attention:measure", specs, "length", sweep_options(args), on_row)
+    payload["targets"] = targets(rows)
+    write_json(args.out, payload)
+    plot_rows(rows, args.models, args.out.with_suffix(".png"))
+    print(tables(rows, lengths, args.models))
+
+
+if __name__ == "__main__":
+    main()
