@@ -229,8 +229,9 @@ class StopStringMatcher:
     """Streams reply text while watching for stop strings, never emitting text that a stop string removes.
 
     Text that might be the beginning of a stop string is held back until it is known not to be one; when a
-    stop string completes, everything from its start is dropped. So the emitted pieces concatenate to
-    exactly the final reply, which is what streaming clients display and what the store keeps.
+    stop string completes, everything from its start is dropped (generation stops at the first stop string
+    to complete, as a client reading character by character would see it). So the emitted pieces
+    concatenate to exactly the final reply, which is what streaming clients display and the store keeps.
     """
 
     def __init__(self, stop_strings: Sequence[str]) -> None:
@@ -245,11 +246,13 @@ class StopStringMatcher:
         if not self._stops:
             return text
         buffer = self._held + text
-        hits = [i for i in (buffer.find(s) for s in self._stops) if i >= 0]
+        # The match that completes first (earliest end; on a tie the longer one) is the one a
+        # character-by-character stream would hit, so the result does not depend on how text is split.
+        hits = [(i + len(s), i) for s, i in ((s, buffer.find(s)) for s in self._stops) if i >= 0]
         if hits:
             self.stopped = True
             self._held = ""
-            return buffer[: min(hits)]
+            return buffer[: min(hits)[1]]
         keep = self._longest_partial_stop(buffer)
         self._held = buffer[len(buffer) - keep :] if keep else ""
         return buffer[: len(buffer) - keep]
