@@ -62,10 +62,10 @@ class Settings(BaseSettings):
             return [key.strip() for key in value.split(",") if key.strip()]
         return value
 
-    @field_validator("redis_url", "admin_token", mode="before")
+    @field_validator("redis_url", "admin_token", "model_dir", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
-        """`REDIS_URL=` in a .env file means "not set", not "connect to the empty URL"."""
+        """`REDIS_URL=` (as in .env.example) means "not set", not the empty URL or the current directory."""
         return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("redis_key_prefix")

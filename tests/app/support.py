@@ -1,0 +1,139 @@
+"""Shared by tests/app and tests/e2e: a tiny real checkpoint, test settings, a real uvicorn server on a
+free loopback port, and Redis clean-up under a test-owned key prefix.
+
+Nothing here is a fake: the checkpoint is a randomly initialised ReformerLM saved by save_checkpoint with
+a SentencePiece tokenizer trained on a slice of the corpus, loaded through MODEL_DIR like production.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import redis
+import torch
+import uvicorn
+
+from app.config import Settings
+from app.main import create_app
+from app.server import bound_url
+from model.checkpoint import save_checkpoint
+from model.config import ReformerConfig
+from model.data import texts
+from model.reformer import ReformerLM
+from model.tokenizer import ChatTokenizer
+
+# CI's Redis; DB 9 and a random key prefix per test keep clear of everyone else's keys.
+TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
+TOKENIZER_VOCAB = 400
+_TOKENIZER_TEXTS = 4000
+
+
+def build_tiny_checkpoint(directory: Path) -> Path:
+    """Write (once per directory) a checkpoint of ReformerConfig.tiny with a small trained tokenizer."""
+    if (directory / "config.json").is_file():
+        return directory
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer_path = directory.parent / f"{directory.name}-tokenizer.model"
+    tokenizer = ChatTokenizer.train(
+        itertools.islice(texts("train"), _TOKENIZER_TEXTS), tokenizer_path, vocab_size=TOKENIZER_VOCAB
+    )
+    torch.manual_seed(0)
+    model = ReformerLM(ReformerConfig.tiny(vocab_size=tokenizer.vocab_size))
+    save_checkpoint(directory, model, tokenizer_path)
+    return directory
+
+
+def redis_reachable(url: str = TEST_REDIS_URL) -> bool:
+    client = redis.Redis.from_url(url, socket_connect_timeout=1)
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
+
+
+def new_prefix() -> str:
+    return f"test:{uuid.uuid4().hex[:12]}:"
+
+
+def delete_prefix(prefix: str, url: str = TEST_REDIS_URL) -> None:
+    """Remove this test's keys, and only them."""
+    client = redis.Redis.from_url(url)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}*", count=500))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
+def make_settings(checkpoint: Path, **overrides: Any) -> Settings:
+    """Settings for a test server: tiny limits, one torch thread, never reading a stray .env file."""
+    values: dict[str, Any] = {
+        "model_dir": checkpoint,
+        "device": "cpu",
+        "torch_threads": 1,
+        "redis_url": TEST_REDIS_URL,
+        "redis_key_prefix": new_prefix(),
+        "max_new_tokens": 48,
+        "max_message_chars": 400,
+        "session_lock_seconds": 5,
+        "retry_after_seconds": 1,
+        "redis_timeout_seconds": 1,
+        "log_level": "warning",
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def running_server(settings: Settings) -> Iterator[str]:
+    """A real uvicorn serving create_app(settings) on a free loopback port, in a thread; yields its URL."""
+    config = uvicorn.Config(
+        create_app(settings),
+        host="127.0.0.1",
+        port=0,
+        log_level=settings.log_level,
+        lifespan="on",
+        ws_max_size=settings.max_body_bytes,
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError("the test server failed to start: see the captured log")
+        time.sleep(0.02)
+    try:
+        yield bound_url(server, "127.0.0.1")
+    finally:
+        server.should_exit = True
+        thread.join()
+
+
+def quiet_params(**overrides: Any) -> dict[str, Any]:
+    """Sampling fields for a deterministic (greedy) reply of a few tokens."""
+    return {"temperature": 0, "max_tokens": 8, **overrides}
+
+
+def endless_params(tokenizer: ChatTokenizer, max_tokens: int) -> dict[str, Any]:
+    """Sampling fields that ban every token that could end the reply, so it runs until cancelled or
+    max_tokens: OpenAI-style logit_bias -100 on end-of-turn and the role tokens."""
+    banned = (tokenizer.end_id, tokenizer.user_id, tokenizer.assistant_id, tokenizer.system_id)
+    return {"temperature": 0, "max_tokens": max_tokens, "logit_bias": {str(i): -100 for i in banned}}

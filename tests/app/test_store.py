@@ -1,0 +1,184 @@
+"""SessionStore against a real Redis: ownership, atomic turns, append-only token ids, TTLs, the turn lock."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from app.errors import SessionBusy, SessionNotFound, StoreUnavailable
+from app.metrics import Metrics
+from app.store import SessionStore, StoredMessage, TurnConflict
+from tests.app.support import TEST_REDIS_URL, free_port
+
+TTL = 3600
+
+
+def make_store(prefix: str, url: str = TEST_REDIS_URL, **kwargs: Any) -> tuple[SessionStore, Redis]:
+    client = Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+    options = {"ttl_seconds": TTL, "lock_seconds": 30, "retry_after": 3, "metrics": Metrics(), **kwargs}
+    return SessionStore(client, prefix=prefix, **options), client
+
+
+def run_with_store(prefix: str, body: Callable[[SessionStore, Redis], Awaitable[None]]) -> None:
+    async def main() -> None:
+        store, client = make_store(prefix)
+        try:
+            await body(store, client)
+        finally:
+            await client.aclose()
+
+    asyncio.run(main())
+
+
+def turn(content: str, reply: str) -> list[StoredMessage]:
+    return [StoredMessage("user", content, "t0"), StoredMessage("assistant", reply, "t1", "stop")]
+
+
+def test_sessions_belong_to_their_owner(redis_prefix: str) -> None:
+    async def body(store: SessionStore, client: Redis) -> None:
+        created = await store.create("alice")
+        assert len(created.session_id) >= 22  # >= 128 random bits, URL-safe base64
+        record = await store.get(created.session_id, "alice")
+        assert (record.created_at, record.context_tokens, record.messages) == (created.created_at, 0, ())
+        with pytest.raises(SessionNotFound):
+            await store.get(created.session_id, "mallory")
+        with pytest.raises(SessionNotFound):
+            await store.delete(created.session_id, "mallory")
+        await store.delete(created.session_id, "alice")
+        with pytest.raises(SessionNotFound):
+            await store.get(created.session_id, "alice")
+        assert await client.exists(*store._data_keys(created.session_id)) == 0
+
+    run_with_store(redis_prefix, body)
+
+
+def test_turns_append_messages_and_token_ids_together(redis_prefix: str) -> None:
+    async def body(store: SessionStore, client: Redis) -> None:
+        sid = (await store.create("alice")).session_id
+        async with store.turn_lock(sid, "alice") as lock:
+            assert lock.context_tokens == 0
+            total = await store.append_turn(
+                sid,
+                "alice",
+                lock.token,
+                expected_tokens=0,
+                new_ids=[7, 8, 9, 70000],
+                messages=turn("hi", "yo"),
+            )
+        assert total == 4
+        async with store.turn_lock(sid, "alice") as lock:
+            assert lock.context_tokens == 4
+            await store.append_turn(
+                sid, "alice", lock.token, expected_tokens=4, new_ids=[1, 2], messages=turn("and?", "so")
+            )
+        record = await store.get(sid, "alice")
+        assert record.context_tokens == 6
+        assert [(m.role, m.content, m.finish_reason) for m in record.messages] == [
+            ("user", "hi", None),
+            ("assistant", "yo", "stop"),
+            ("user", "and?", None),
+            ("assistant", "so", "stop"),
+        ]
+        # Append-only: the first turn's ids are untouched, and any tail can be read on its own.
+        assert await store.read_ids(sid, 0, 6) == [7, 8, 9, 70000, 1, 2]
+        assert await store.read_ids(sid, 4, 6) == [1, 2]
+        assert await store.read_ids(sid, 6, 6) == []
+
+    run_with_store(redis_prefix, body)
+
+
+def test_a_turn_is_refused_when_the_lock_is_not_held_or_the_ids_moved(redis_prefix: str) -> None:
+    async def body(store: SessionStore, client: Redis) -> None:
+        sid = (await store.create("alice")).session_id
+        with pytest.raises(TurnConflict, match="lock"):
+            await store.append_turn(
+                sid, "alice", "not-the-token", expected_tokens=0, new_ids=[1], messages=[]
+            )
+        async with store.turn_lock(sid, "alice") as lock:
+            with pytest.raises(TurnConflict, match="token ids changed"):
+                await store.append_turn(sid, "alice", lock.token, expected_tokens=5, new_ids=[1], messages=[])
+            await store.delete(sid, "alice")
+            with pytest.raises(TurnConflict) as deleted:
+                await store.append_turn(sid, "alice", lock.token, expected_tokens=0, new_ids=[1], messages=[])
+            assert deleted.value.deleted
+        # Nothing was written by any refused turn: the deleted session left no keys behind.
+        assert await client.exists(*store._data_keys(sid)) == 0
+
+    run_with_store(redis_prefix, body)
+
+
+def test_the_lock_holds_across_replicas_and_is_released(redis_prefix: str) -> None:
+    async def body(store: SessionStore, client: Redis) -> None:
+        other, other_client = make_store(redis_prefix)  # a second replica: its own client and store
+        try:
+            sid = (await store.create("alice")).session_id
+            async with store.turn_lock(sid, "alice"):
+                with pytest.raises(SessionBusy):
+                    async with other.turn_lock(sid, "alice"):
+                        pass
+            async with other.turn_lock(sid, "alice") as lock:
+                assert lock.context_tokens == 0
+            with pytest.raises(SessionNotFound):
+                async with other.turn_lock(sid, "mallory"):
+                    pass
+            assert await client.exists(store.key(sid, "lock")) == 0
+        finally:
+            await other_client.aclose()
+
+    run_with_store(redis_prefix, body)
+
+
+def test_only_the_holder_can_renew_or_release_the_lock(redis_prefix: str) -> None:
+    async def body(store: SessionStore, client: Redis) -> None:
+        sid = (await store.create("alice")).session_id
+        lock_key = store.key(sid, "lock")
+        assert await store.try_lock(sid, "alice", "mine") == 0
+        await client.pexpire(lock_key, 500)
+        assert not await store.renew_lock(sid, "theirs")
+        assert await client.pttl(lock_key) <= 500
+        assert await store.renew_lock(sid, "mine")
+        assert await client.pttl(lock_key) > 500
+        await store.unlock(sid, "theirs")
+        assert await client.get(lock_key) == b"mine"
+        await store.unlock(sid, "mine")
+        assert await client.exists(lock_key) == 0
+
+    run_with_store(redis_prefix, body)
+
+
+def test_every_access_slides_the_ttl_of_all_keys(redis_prefix: str) -> None:
+    async def body(store: SessionStore, client: Redis) -> None:
+        sid = (await store.create("alice")).session_id
+        async with store.turn_lock(sid, "alice") as lock:
+            await store.append_turn(
+                sid, "alice", lock.token, expected_tokens=0, new_ids=[1], messages=turn("a", "b")
+            )
+        keys = store._data_keys(sid)
+        for key in keys:
+            assert 0 < await client.pttl(key) <= TTL * 1000
+            await client.pexpire(key, 5000)
+        await store.get(sid, "alice")
+        for key in keys:
+            assert await client.pttl(key) > 5000
+
+    run_with_store(redis_prefix, body)
+
+
+def test_unreachable_redis_is_store_unavailable_with_retry_after() -> None:
+    async def main() -> None:
+        metrics = Metrics()
+        store, client = make_store("test:down:", url=f"redis://127.0.0.1:{free_port()}/0", metrics=metrics)
+        try:
+            for call in (store.ping(), store.create("alice"), store.get("x" * 22, "alice")):
+                with pytest.raises(StoreUnavailable) as error:
+                    await call
+                assert error.value.status == 503 and error.value.headers["Retry-After"] == "3"
+        finally:
+            await client.aclose()
+        assert metrics.redis_errors.labels("create")._value.get() == 1
+
+    asyncio.run(main())
