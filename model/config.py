@@ -139,8 +139,8 @@ class ReformerConfig:
             bucket_size=8,
             n_buckets=4,
             n_hashes=2,
-            ff_chunk_size=16,
-            loss_chunk_size=16,
+            ff_chunk_size=128,
+            loss_chunk_size=128,
             max_train_len=64,
         )
         values.update(overrides)

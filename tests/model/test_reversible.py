@@ -1,0 +1,67 @@
+"""Property 4: reversible mode is an execution mode — same loss, same gradients, dropout replayed."""
+
+import pytest
+import torch
+
+from model import ReformerConfig, ReformerLM
+
+CONFIG = ReformerConfig.tiny(
+    vocab_size=64, n_layers=4, attn_layers=("local", "lsh", "full", "lsh"), dropout=0.2, ff_chunk_size=16
+)
+
+
+def _train_step(
+    reversible: bool, weights: dict, seed: int
+) -> tuple[float, dict[str, torch.Tensor], torch.Tensor]:
+    model = ReformerLM(CONFIG.replace(reversible=reversible))
+    model.load_state_dict(weights)
+    model.train()
+    ids = torch.randint(0, 64, (2, 75), generator=torch.Generator().manual_seed(seed))
+    targets = torch.roll(ids, -1, dims=1)
+    torch.manual_seed(seed)  # the test seeds the global generator; the model never does
+    loss = model.loss(ids, targets)
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    return loss.item(), grads, torch.get_rng_state()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_reversible_step_equals_standard_step_with_dropout(seed: int) -> None:
+    torch.manual_seed(100 + seed)
+    weights = ReformerLM(CONFIG).state_dict()
+    loss_std, grads_std, rng_std = _train_step(False, weights, seed)
+    loss_rev, grads_rev, rng_rev = _train_step(True, weights, seed)
+    assert loss_rev == pytest.approx(loss_std, rel=1e-6)
+    for name, grad in grads_std.items():
+        torch.testing.assert_close(grads_rev[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+    # The backward pass replays dropout from saved states without consuming the global generator.
+    assert torch.equal(rng_rev, rng_std)
+
+
+def test_dropout_is_really_on_so_the_replay_matters() -> None:
+    torch.manual_seed(3)
+    model = ReformerLM(CONFIG).train()
+    ids = torch.randint(0, 64, (1, 40))
+    assert not torch.allclose(model(ids), model(ids))
+
+
+def test_model_never_calls_manual_seed(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*_: object) -> None:
+        raise AssertionError("the model must not reseed the global generator")
+
+    torch.manual_seed(0)
+    model = ReformerLM(CONFIG).train()
+    monkeypatch.setattr(torch, "manual_seed", refuse)
+    monkeypatch.setattr(torch.random, "manual_seed", refuse)
+    ids = torch.randint(0, 64, (1, 40))
+    model.loss(ids, ids).backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_one_state_dict_loads_both_ways() -> None:
+    torch.manual_seed(0)
+    standard = ReformerLM(CONFIG.replace(reversible=False)).eval()
+    reversible = ReformerLM(CONFIG.replace(reversible=True)).eval()
+    reversible.load_state_dict(standard.state_dict(), strict=True)
+    ids = torch.randint(0, 64, (2, 30))
+    torch.testing.assert_close(reversible(ids), standard(ids), rtol=0, atol=0)
