@@ -22,6 +22,7 @@ import torch
 from model.checkpoint import CheckpointError, load_checkpoint, load_training_state, read_training_info
 from model.config import ReformerConfig
 from model.reformer import ReformerLM
+from model.tokenizer import ChatTokenizer
 from model.train import Trainer, main
 from model.train_dist import init_distributed
 from model.train_metrics import MetricsLog
@@ -140,6 +141,33 @@ def test_resume_after_a_signal_continues_the_same_run(tmp_path: Path, chat_token
         assert [(r["step"], r[key]) for r in _rows(interrupted, kind)] == [
             (r["step"], r[key]) for r in _rows(straight, kind)
         ]
+
+
+def test_sigterm_saves_the_state_and_exits_with_its_code(tmp_path: Path, chat_tokenizer_path: Path) -> None:
+    out = tmp_path / "terminated"
+
+    def terminate_at_step_2(trainer: Trainer) -> None:
+        if trainer.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    options = parse_options(_args(out, chat_tokenizer_path, "--steps", "50", "--eval-every", "10"))
+    previous = signal.getsignal(signal.SIGTERM)
+    assert Trainer(options, init_distributed("cpu")).run(on_step=terminate_at_step_2) == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is previous, "the handler must be removed after the run"
+    assert load_training_state(out)["step"] == 2
+    assert not (out / "checkpoint").exists(), "no evaluation ran, so there is no best checkpoint yet"
+
+
+def test_without_a_tokenizer_one_is_trained_on_the_train_split(tmp_path: Path) -> None:
+    out = tmp_path / "own-tokenizer"
+    args = _args(out, Path("unused"), "--steps", "2", "--eval-every", "2", "--vocab-size", "400")
+    index = args.index("--tokenizer")
+    del args[index : index + 2]
+    assert main(args) == 0
+    tokenizer = ChatTokenizer.load(out / "tokenizer.model")
+    assert tokenizer.vocab_size == 400
+    model, shipped = load_checkpoint(out / "checkpoint", device="cpu")
+    assert shipped.to_bytes() == tokenizer.to_bytes() and model.config.vocab_size == 400
 
 
 def test_two_process_ddp_matches_one_process(tmp_path: Path, chat_tokenizer_path: Path) -> None:
