@@ -44,6 +44,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from model.checkpoint import (
+    TRAIN_STATE_FILE,
     WEIGHTS_FILE,
     capture_rng_state,
     load_training_state,
@@ -104,7 +105,7 @@ class Trainer:
             mismatches = options.trajectory_mismatches(self.saved["options"])
             if mismatches:
                 raise ValueError("--resume needs the interrupted run's options: " + "; ".join(mismatches))
-        elif (self.run_dir / "train_state.pt").exists():
+        elif (self.run_dir / TRAIN_STATE_FILE).exists():
             raise ValueError(
                 f"{self.run_dir} already holds a run: pass --resume to continue it or change --out"
             )
