@@ -152,6 +152,7 @@ class Turn:
                 feed_ids=history + self.prompt_ids,
                 params=self._params,
                 decoder=service.tokenizer.stream_decoder(),
+                prompt_tokens=len(self.prompt_ids),
             )
             try:
                 self._handle = service.engine.submit(request)

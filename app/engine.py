@@ -48,6 +48,8 @@ class GenerationRequest:
     feed_ids: list[int]
     params: SamplingParams
     decoder: TextDecoder
+    # How many of feed_ids (at the end) are the new prompt, as opposed to re-fed history; for metrics.
+    prompt_tokens: int = 0
 
 
 @dataclass
@@ -286,6 +288,7 @@ class ChatEngine:
         metrics.e2e_latency.observe(time.perf_counter() - run.job.submitted)
         metrics.generation_tokens.inc(len(run.token_ids))
         metrics.prefill_tokens.inc(len(run.job.request.feed_ids))
+        metrics.prompt_tokens.inc(run.job.request.prompt_tokens)
         if error is None:
             metrics.request_success.labels(reason).inc()
         else:

@@ -8,6 +8,7 @@ a SentencePiece tokenizer trained on a slice of the corpus, loaded through MODEL
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import socket
 import threading
@@ -18,9 +19,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 import torch
 import uvicorn
+from websockets.sync.client import ClientConnection, connect
 
 from app.config import Settings
 from app.main import create_app
@@ -125,6 +128,51 @@ def running_server(settings: Settings) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join()
+
+
+@contextmanager
+def serving(settings: Settings) -> Iterator[str]:
+    """running_server(), then delete the keys it wrote under its prefix on CI's Redis."""
+    try:
+        with running_server(settings) as url:
+            yield url
+    finally:
+        if settings.redis_url == TEST_REDIS_URL:
+            delete_prefix(settings.redis_key_prefix)
+
+
+def require_redis() -> None:
+    if not redis_reachable():
+        pytest.skip(
+            f"no Redis answering at TEST_REDIS_URL={TEST_REDIS_URL}: start one (redis-server) to run this"
+        )
+
+
+def ws_url(base_url: str, session_id: str, query: str = "") -> str:
+    return base_url.replace("http://", "ws://") + f"/v1/sessions/{session_id}/stream{query}"
+
+
+def open_ws(
+    base_url: str, session_id: str, headers: dict[str, str] | None = None, query: str = ""
+) -> ClientConnection:
+    """A websocket client without client-side timeouts (pytest-timeout bounds a hung test)."""
+    return connect(
+        ws_url(base_url, session_id, query),
+        additional_headers=headers,
+        proxy=None,
+        open_timeout=None,
+        ping_interval=None,
+        close_timeout=None,
+    )
+
+
+def frame(ws: ClientConnection) -> dict[str, Any]:
+    """The next server frame, decoded."""
+    return json.loads(ws.recv())
+
+
+def send(ws: ClientConnection, **fields: Any) -> None:
+    ws.send(json.dumps(fields))
 
 
 def quiet_params(**overrides: Any) -> dict[str, Any]:
