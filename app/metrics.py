@@ -74,7 +74,7 @@ class Metrics:
         )
         self.prompt_tokens = Counter(
             f"{PREFIX}_prompt_tokens",
-            "Prompt tokens of finished turns (the new user turn, not history).",
+            "Prompt tokens of generations (the new user turn; re-fed history counts in prefill_tokens).",
             registry=r,
         )
         self.prefill_tokens = Counter(
