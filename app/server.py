@@ -54,5 +54,10 @@ def run(
         ws_max_size=settings.max_body_bytes,
         timeout_graceful_shutdown=10,
     )
-    if not asyncio.run(_serve(uvicorn.Server(config), host, on_ready)):
+    try:
+        started = asyncio.run(_serve(uvicorn.Server(config), host, on_ready))
+    except KeyboardInterrupt:
+        # uvicorn shuts down gracefully on Ctrl+C/SIGINT, then re-raises the signal: that is a normal stop.
+        return
+    if not started:
         sys.exit(STARTUP_FAILURE)
