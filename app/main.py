@@ -68,6 +68,8 @@ def _connect_redis(settings: Settings, url: str) -> Redis:
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     async with AsyncExitStack() as stack:
+        # The model first: a bad MODEL_DIR should fail before anything is started or written.
+        model, tokenizer, checkpoint = await asyncio.to_thread(load_model, settings)
         metrics = Metrics()
         url = settings.redis_url
         if url is None:
@@ -84,7 +86,6 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             retry_after=settings.retry_after_seconds,
             metrics=metrics,
         )
-        model, tokenizer, checkpoint = await asyncio.to_thread(load_model, settings)
         engine = ChatEngine(
             model,
             metrics=metrics,
