@@ -55,6 +55,23 @@ class BlockRecord:
     rng_f: RNGState | None = None
     rng_g: RNGState | None = None
     buckets: Tensor | None = None
+    # The forward pass's autocast setting: recomputing in another precision would give other gradients.
+    autocast: Autocast | None = None
+
+
+@dataclass
+class Autocast:
+    device_type: str
+    dtype: torch.dtype
+    enabled: bool
+
+    @classmethod
+    def capture(cls, device: torch.device) -> Autocast:
+        kind = device.type
+        return cls(kind, torch.get_autocast_dtype(kind), torch.is_autocast_enabled(kind))
+
+    def context(self) -> torch.autocast:
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
 
 
 class ReformerBlock(nn.Module):
@@ -79,6 +96,7 @@ class ReformerBlock(nn.Module):
         self, x1: Tensor, x2: Tensor, positions: Tensor, record: BlockRecord
     ) -> tuple[Tensor, Tensor]:
         """forward(), remembering what the backward recomputation must replay."""
+        record.autocast = Autocast.capture(x2.device)
         record.rng_f = RNGState.capture(x2.device)
         f_out, record.buckets = self.f(x2, positions)
         y1 = x1 + f_out
@@ -90,11 +108,12 @@ class ReformerBlock(nn.Module):
         self, y1: Tensor, y2: Tensor, dy1: Tensor, dy2: Tensor, positions: Tensor, record: BlockRecord
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """From outputs and their gradients to inputs and theirs; parameter gradients accumulate in .grad."""
-        assert record.rng_f is not None and record.rng_g is not None  # set by forward_recorded
+        if record.rng_f is None or record.rng_g is None or record.autocast is None:
+            raise RuntimeError("backward_pass needs the record that forward_recorded filled in")
         # g, chunk by chunk in the forward pass's order: the d_ff activation exists for one chunk at a time.
         y1 = y1.detach().requires_grad_()
         g_chunks = []
-        with record.rng_g.replay(), torch.enable_grad():
+        with record.rng_g.replay(), record.autocast.context(), torch.enable_grad():
             for y1_chunk, dy2_chunk in zip(self.ff.chunks(y1), self.ff.chunks(dy2), strict=True):
                 g_chunk = self.ff.forward_chunk(y1_chunk)
                 torch.autograd.backward(g_chunk, dy2_chunk)
@@ -103,7 +122,7 @@ class ReformerBlock(nn.Module):
             x2 = y2 - torch.cat(g_chunks, dim=1)  # x2 = y2 - g(y1)
             dy1 = dy1 + y1.grad  # total gradient reaching y1: directly and through g
         x2 = x2.detach().requires_grad_()
-        with record.rng_f.replay(), torch.enable_grad():
+        with record.rng_f.replay(), record.autocast.context(), torch.enable_grad():
             f_out, _ = self.f(x2, positions, record.buckets)
             torch.autograd.backward(f_out, dy1)
         with torch.no_grad():
@@ -152,4 +171,4 @@ def reversible_forward(
     return _ReversibleFunction.apply(x1, x2, ReversibleRun(blocks, positions))
 
 
-__all__ = ["BlockRecord", "RNGState", "ReformerBlock", "ReversibleRun", "reversible_forward"]
+__all__ = ["Autocast", "BlockRecord", "RNGState", "ReformerBlock", "ReversibleRun", "reversible_forward"]
