@@ -68,13 +68,18 @@ def test_one_state_dict_loads_both_ways() -> None:
 
 
 def test_reversible_recomputes_in_the_forward_pass_precision() -> None:
-    """Under bf16 autocast the backward recomputation must run in bf16 too, or gradients drift (~1%)."""
+    """Under bf16 autocast the backward recomputation must run in bf16 too, or gradients drift (~1%).
+
+    LSH and local layers only: SDPA ("full") picks different bf16 kernels with and without grad, so its
+    recomputation differs from its forward pass by bf16 rounding (~1e-3), whatever the autocast state.
+    """
+    config = CONFIG.replace(attn_layers=("local", "lsh", "local", "lsh"))
     torch.manual_seed(7)
-    weights = ReformerLM(CONFIG).state_dict()
+    weights = ReformerLM(config).state_dict()
     ids = torch.randint(0, 64, (2, 60))
     grads = {}
     for reversible in (False, True):
-        model = ReformerLM(CONFIG.replace(reversible=reversible))
+        model = ReformerLM(config.replace(reversible=reversible))
         model.load_state_dict(weights)
         torch.manual_seed(5)
         with torch.autocast("cpu", dtype=torch.bfloat16):
