@@ -221,12 +221,14 @@ def sweep(
     x_key: str,
     opts: SweepOptions,
     on_row: Callable[[dict[str, Any]], None],
+    reps: int | None = None,
 ) -> list[dict[str, Any]]:
     """Run each spec in its own child, in order, skipping what earlier sizes show cannot fit.
 
     Specs of one series (same ``model`` and ``mode``) must come in increasing ``x_key``: the last two
     results predict the next one's step time and peak memory (power law), and a series that was skipped
-    or failed at a smaller size is not retried at a bigger one.
+    or failed at a smaller size is not retried at a bigger one. ``reps`` fixes the timed repetitions after
+    the cold step (0: time only the cold step) instead of planning them from the predicted step time.
     """
     rows: list[dict[str, Any]] = []
     for spec in specs:
@@ -242,7 +244,12 @@ def sweep(
             reason = f"predicted ~{t_pred:.0f} s per step > {opts.max_step_s:.0f} s limit"
         elif m_pred is not None and m_pred > opts.mem_limit_bytes:
             reason = f"predicted ~{m_pred / GB:.1f} GB > {opts.mem_limit_bytes / GB:.0f} GB limit"
-        full = dict(spec, device=opts.device, threads=opts.threads, reps=plan_reps(t_pred, opts.quick))
+        full = dict(
+            spec,
+            device=opts.device,
+            threads=opts.threads,
+            reps=plan_reps(t_pred, opts.quick) if reps is None else reps,
+        )
         result = (
             {"skipped": reason}
             if reason
@@ -309,12 +316,20 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def kilo(n: int) -> str:
+    """Column label for a length: 16384 -> "16K", 512 -> "512"."""
+    return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
 def fmt_time(result: dict[str, Any] | None, key: str = "time_s") -> str:
     if result is None:
         return "-"
     if "skipped" in result:
         return f"skipped: {result['skipped']}"
-    value = result[key]
+    return fmt_seconds(result[key])
+
+
+def fmt_seconds(value: float) -> str:
     return f"{value * 1000:.1f} ms" if value < 1 else f"{value:.2f} s"
 
 
@@ -323,6 +338,46 @@ def fmt_bytes(result: dict[str, Any] | None, key: str = "peak_bytes") -> str:
         return "-"
     value = result[key]
     return f"{value / 1024**2:.0f} MB" if value < GB else f"{value / GB:.2f} GB"
+
+
+_GOAL_OPS: dict[str, Callable[[float, float], bool]] = {
+    ">=": lambda a, b: a >= b,
+    "<=": lambda a, b: a <= b,
+    "<": lambda a, b: a < b,
+}
+
+
+def target(name: str, subject: str, against: str, values: dict[str, float], goal: str) -> dict[str, Any]:
+    """One of the issue's targets as a ratio per metric (e.g. ``{"wall": 2.3, "cpu": 2.1}``).
+
+    Both wall and CPU time are judged because this machine's cores are shared: wall time carries other
+    users' load, CPU time (all the child's threads) much less of it.
+    """
+    op, threshold = goal.split()
+    if op not in _GOAL_OPS:
+        raise ValueError(f"goal {goal!r} must start with one of {sorted(_GOAL_OPS)}, e.g. '>= 2'")
+    met = {k: _GOAL_OPS[op](v, float(threshold)) for k, v in values.items()}
+    return {
+        "target": name,
+        "subject": subject,
+        "against": against,
+        "values": values,
+        "goal": goal,
+        "met": met,
+    }
+
+
+def targets_table(targets: list[dict[str, Any]]) -> str:
+    metrics = sorted({k for t in targets for k in t["values"]}, key=["wall", "cpu", "memory"].index)
+    body = [
+        [t["target"], t["subject"], t["against"], t["goal"]]
+        + [
+            f"{t['values'][k]:.2f} ({'met' if t['met'][k] else 'MISSED'})" if k in t["values"] else ""
+            for k in metrics
+        ]
+        for t in targets
+    ]
+    return markdown_table(["target", "ours", "against", "goal", *metrics], body)
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:

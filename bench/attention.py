@@ -25,12 +25,15 @@ from bench._common import (
     find,
     fmt_bytes,
     fmt_time,
+    kilo,
     markdown_table,
     measure_step,
     plot,
     setup_child,
     sweep,
     sweep_options,
+    target,
+    targets_table,
     write_json,
 )
 
@@ -72,65 +75,56 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def _ratio(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
+    """a / b for wall and CPU time."""
+    return {"wall": a["time_s"] / b["time_s"], "cpu": a["cpu_s"] / b["cpu_s"]}
+
+
 def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The issue's targets, each a ratio of two cells of this run (None where a cell is missing)."""
+    """The issue's targets, each a ratio of cells of this run (left out where a cell is missing)."""
     out = []
     for ours in OURS:
         for length in (16384, 32768):
             mine = find(rows, model=ours, mode="train", length=length)
-            rivals = [
-                r
-                for m in SPEED_RIVALS
-                if (r := find(rows, model=m, mode="train", length=length)) and "time_s" in r
-            ]
-            peers_ = [r for r in rivals if r["model"] in MEMORY_RIVALS]
+            cells = [find(rows, model=m, mode="train", length=length) for m in SPEED_RIVALS]
+            rivals = [r for r in cells if r and "time_s" in r]
             if mine is None or "time_s" not in mine or not rivals:
                 continue
             fastest = min(rivals, key=lambda r: r["time_s"])
-            speedup = fastest["time_s"] / mine["time_s"]
             out.append(
-                {
-                    "target": f"train step {length // 1024}K: >= 2x faster than fastest rival",
-                    "subject": ours,
-                    "against": fastest["model"],
-                    "value": speedup,
-                    "goal": ">= 2.0",
-                    "met": speedup >= 2.0,
-                }
+                target(
+                    f"train step {kilo(length)}: faster than the fastest rival",
+                    ours,
+                    fastest["model"],
+                    _ratio(fastest, mine),
+                    ">= 2",
+                )
             )
+            peers_ = [r for r in rivals if r["model"] in MEMORY_RIVALS]
             if peers_:
                 fastest_peer = min(peers_, key=lambda r: r["time_s"])
                 ratio = mine["peak_bytes"] / fastest_peer["peak_bytes"]
                 out.append(
-                    {
-                        "target": f"train peak memory {length // 1024}K: <= 0.5x fastest peer's",
-                        "subject": ours,
-                        "against": fastest_peer["model"],
-                        "value": ratio,
-                        "goal": "<= 0.5",
-                        "met": ratio <= 0.5,
-                    }
+                    target(
+                        f"train peak memory {kilo(length)}: vs the fastest peer's",
+                        ours,
+                        fastest_peer["model"],
+                        {"memory": ratio},
+                        "<= 0.5",
+                    )
                 )
         at4k = find(rows, model=ours, mode="forward", length=4096)
         at64k = find(rows, model=ours, mode="forward", length=65536)
         if at4k and at64k and "time_s" in at4k and "time_s" in at64k:
-            ratio = (at64k["time_s"] / 65536) / (at4k["time_s"] / 4096)
-            out.append(
-                {
-                    "target": "forward time/token 64K vs 4K: <= 1.5x",
-                    "subject": ours,
-                    "against": ours,
-                    "value": ratio,
-                    "goal": "<= 1.5",
-                    "met": ratio <= 1.5,
-                }
-            )
+            # per-token cost ratio: (t64 / 65536) / (t4 / 4096)
+            per_token = {k: v * 4096 / 65536 for k, v in _ratio(at64k, at4k).items()}
+            out.append(target("forward time per token, 64K vs 4K", ours, ours, per_token, "<= 1.5"))
     return out
 
 
-def tables(rows: list[dict[str, Any]], lengths: list[int], models: list[str]) -> str:
+def tables(rows: list[dict[str, Any]], lengths: list[int], models: list[str], modes: list[str]) -> str:
     parts = []
-    for mode in MODES:
+    for mode in modes:
         body = []
         for model in models:
             cells = []
@@ -139,27 +133,15 @@ def tables(rows: list[dict[str, Any]], lengths: list[int], models: list[str]) ->
                 if row is None or "skipped" in row:
                     cells.append(fmt_time(row))
                 else:
-                    cells.append(f"{fmt_time(row)} / {fmt_bytes(row)}")
+                    cold = " (cold)" if row["timed_cold"] else ""
+                    cells.append(f"{fmt_time(row)}{cold} / {fmt_time(row, 'cpu_s')} / {fmt_bytes(row)}")
             body.append([model, *cells])
         title = "training step (forward + loss + backward)" if mode == "train" else "forward (no grad)"
         parts.append(
-            f"**{title}: time / peak memory**\n\n"
-            + markdown_table(["model", *[f"{n // 1024}K" for n in lengths]], body)
+            f"**{title}: wall time / CPU time / peak memory**\n\n"
+            + markdown_table(["model", *[kilo(n) for n in lengths]], body)
         )
-    goal_rows = [
-        [
-            t["target"],
-            t["subject"],
-            t["against"],
-            f"{t['value']:.2f}",
-            t["goal"],
-            "met" if t["met"] else "MISSED",
-        ]
-        for t in targets(rows)
-    ]
-    parts.append(
-        "**targets**\n\n" + markdown_table(["target", "ours", "against", "value", "goal", ""], goal_rows)
-    )
+    parts.append("**targets**\n\n" + targets_table(targets(rows)))
     return "\n\n".join(parts)
 
 
@@ -196,6 +178,7 @@ def main() -> None:
     add_common_args(parser, "bench/results/attention.json")
     parser.add_argument("--lengths", type=int, nargs="+", help=f"default {DEFAULT_LENGTHS}")
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=peers.SUBJECTS)
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--batch", type=int, default=1)
     args = parser.parse_args()
@@ -222,7 +205,7 @@ def main() -> None:
     payload["targets"] = targets(rows)
     write_json(args.out, payload)
     plot_rows(rows, args.models, args.out.with_suffix(".png"))
-    print(tables(rows, lengths, args.models))
+    print(tables(rows, lengths, args.models, args.modes))
 
 
 if __name__ == "__main__":

@@ -111,9 +111,16 @@ def hf_axial_shape(length: int) -> tuple[int, int]:
     return (BUCKET, length // BUCKET)
 
 
-def hf_config(depth: int, vocab: int, length: int, kinds: tuple[str, ...] | None = None) -> Any:
-    """HF ReformerConfig at our size; ``length`` sets the axial positions and the bucket count."""
+def hf_config(depth: int, vocab: int, length: int, ff_chunk: int | None = None) -> Any:
+    """HF ReformerConfig at our size; ``length`` sets the axial positions and the bucket count.
+
+    HF's chunked feed-forward refuses a sequence that is not a multiple of its chunk, which includes the
+    single tokens of cached generation: pass ``ff_chunk=0`` (no chunking) there.
+    """
     from transformers import ReformerConfig as HFConfig
+
+    if ff_chunk is None:
+        ff_chunk = FF_CHUNK if length % FF_CHUNK == 0 else 0
 
     axial = hf_axial_shape(length)
     return HFConfig(
@@ -122,7 +129,7 @@ def hf_config(depth: int, vocab: int, length: int, kinds: tuple[str, ...] | None
         num_attention_heads=N_HEADS,
         attention_head_size=D_HEAD,
         feed_forward_size=D_FF,
-        attn_layers=list(kinds or ("lsh",) * depth),
+        attn_layers=["lsh"] * depth,
         is_decoder=True,
         lsh_attn_chunk_length=BUCKET,
         local_attn_chunk_length=BUCKET,
@@ -131,7 +138,7 @@ def hf_config(depth: int, vocab: int, length: int, kinds: tuple[str, ...] | None
         axial_pos_shape=axial,
         axial_pos_embds_dim=(64, 192),
         max_position_embeddings=math.prod(axial),
-        chunk_size_feed_forward=FF_CHUNK,
+        chunk_size_feed_forward=ff_chunk,
         hidden_dropout_prob=0.0,
         lsh_attention_probs_dropout_prob=0.0,
         local_attention_probs_dropout_prob=0.0,
