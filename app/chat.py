@@ -8,7 +8,6 @@ Routes only validate, call this, and shape the response.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
@@ -62,6 +61,10 @@ class ChatService:
         """The user message, refused (422) when blank or longer than MAX_MESSAGE_CHARS."""
         if not content.strip():
             raise InvalidRequest("content is empty: send a message with some text in it")
+        try:
+            content.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate escape such as "\ud800" in the JSON
+            raise InvalidRequest(f"content is not valid Unicode ({exc.reason}): send UTF-8 text") from exc
         limit = self.settings.max_message_chars
         if len(content) > limit:
             raise InvalidRequest(
@@ -126,6 +129,7 @@ class Turn:
         self._lock: TurnLock | None = None
         self._handle: GenerationHandle | None = None
         self._outcome: TurnOutcome | None = None
+        self._finish_called = False
         self.prompt_ids: list[int] = []
         self.created_at = ""
 
@@ -172,10 +176,13 @@ class Turn:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         try:
-            if self._outcome is None and self._handle is not None:
+            if not self._finish_called and self._handle is not None:
+                # The block ended early (client gone, or an error): keep what was generated.
                 self._handle.cancel()
-                with contextlib.suppress(Exception):  # the original error (if any) is the one to report
+                try:
                     await self.finish()
+                except Exception:  # the original error, if any, is the one to report
+                    logger.warning("could not store the cancelled turn of %s", self.session_id, exc_info=True)
         finally:
             await self._stack.aclose()
 
@@ -192,11 +199,15 @@ class Turn:
             yield piece
 
     async def finish(self) -> TurnOutcome:
-        """Wait for the reply and store the turn atomically; idempotent."""
+        """Wait for the reply and store the turn atomically. Called once: a failed store is not retried,
+        so a client that got an error never finds the turn stored behind its back."""
         if self._outcome is not None:
             return self._outcome
         if self._handle is None or self._lock is None:
             raise RuntimeError("use the turn inside `async with`")
+        if self._finish_called:
+            raise RuntimeError("this turn already failed to finish")
+        self._finish_called = True
         result = await self._handle.result()
         if result.error is not None:
             raise EngineFailed(f"the model failed while generating: {result.error}; the turn was not stored")

@@ -22,7 +22,7 @@ from typing import Protocol
 
 import torch
 
-from app.errors import Overloaded
+from app.errors import EngineUnavailable, Overloaded
 from app.metrics import Metrics
 from app.state_cache import StateCache
 from model.generate import FinishReason, SamplingParams, StopStringMatcher, generate
@@ -175,7 +175,7 @@ class ChatEngine:
     def submit(self, request: GenerationRequest) -> GenerationHandle:
         """Queue a request; Overloaded (429) when running and waiting requests are at capacity."""
         if not self.alive:
-            raise RuntimeError("the engine is not running")
+            raise EngineUnavailable(self._retry_after)
         with self._count_lock:
             if self._in_flight >= self._capacity:
                 raise Overloaded(

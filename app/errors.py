@@ -83,6 +83,18 @@ class StoreUnavailable(ServiceError):
         super().__init__(message, headers={"Retry-After": str(retry_after)})
 
 
+class EngineUnavailable(ServiceError):
+    """The engine thread is not running (shutting down, or it died): readiness reports it too."""
+
+    status, code = 503, "model_unavailable"
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(
+            "the model is not running on this server: retry shortly",
+            headers={"Retry-After": str(retry_after)},
+        )
+
+
 class EngineFailed(ServiceError):
     """The model raised while generating; the turn is not stored."""
 

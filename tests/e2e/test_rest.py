@@ -194,7 +194,7 @@ def test_invalid_messages_are_422_and_store_nothing(client: httpx.Client, server
     path = f"/v1/sessions/{session_id}/messages"
     for body in BAD_BODIES:
         assert_error(client.post(path, json=body), 422, "invalid_request")
-    for raw in (b"{", b"content=hi", b"\xff\xfe"):
+    for raw in (b"{", b"content=hi", b"\xff\xfe", b'{"content": "lone \\ud800 surrogate"}'):
         response = client.post(path, content=raw, headers={"Content-Type": "application/json"})
         assert_error(response, 422, "invalid_request")
     session = client.get(f"/v1/sessions/{session_id}").json()
