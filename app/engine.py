@@ -179,7 +179,7 @@ class ChatEngine:
         with self._count_lock:
             if self._in_flight >= self._capacity:
                 raise Overloaded(
-                    f"the server is generating {self._in_flight} replies, its limit: retry shortly",
+                    f"the server has {self._in_flight} replies running or queued, its limit: retry shortly",
                     retry_after=self._retry_after,
                 )
             self._in_flight += 1
@@ -202,15 +202,14 @@ class ChatEngine:
     # ---- engine thread -------------------------------------------------------------------------------
     def _run(self) -> None:
         with torch.inference_mode():
-            while True:
-                if not self._admit():
-                    break
+            while self._admit():
                 for run in list(self._active):
                     self._step(run)
-        for run in list(self._active):
-            run.job.handle.cancel()
-            while run in self._active:
-                self._step(run)
+            # stop() was called: should_stop is now true for every running request, so each one ends
+            # (as "cancelled") at its next step.
+            while self._active:
+                for run in list(self._active):
+                    self._step(run)
         self._drain_inbox()
 
     def _admit(self) -> bool:
@@ -247,10 +246,11 @@ class ChatEngine:
         """Advance one request by one step: its prefill and first token, or one decode step."""
         try:
             token_id = next(run.steps)
+            text = run.stopper.push(run.job.request.decoder.push(token_id))
         except StopIteration as stop:
             self._finish(run, stop.value)
             return
-        except Exception as exc:  # a model error fails this request, never the engine
+        except Exception as exc:  # a model (or decoding) error fails this request, never the engine
             logger.exception("generation failed")
             self._finish(run, "cancelled", error=exc)
             return
@@ -261,7 +261,7 @@ class ChatEngine:
             self._metrics.time_to_first_token.observe(now - run.job.submitted)
         run.last_token_at = now
         run.token_ids.append(token_id)
-        self._emit(run, run.stopper.push(run.job.request.decoder.push(token_id)))
+        self._emit(run, text)
         if run.stopper.stopped:
             run.steps.close()
             self._finish(run, "stop")
