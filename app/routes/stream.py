@@ -55,6 +55,8 @@ class _Connection:
         self._inbox: asyncio.Queue[MessageFrame | None] = asyncio.Queue()
         self._busy = False  # a message is queued or its turn is running
         self._turn: Turn | None = None
+        # A cancel (or disconnect) that arrived while the turn was still being set up.
+        self._cancel_pending = False
 
     async def run(self) -> None:
         reader = asyncio.create_task(self._read())
@@ -84,19 +86,24 @@ class _Connection:
                 if frame is None:
                     continue
                 if isinstance(frame, CancelFrame):
-                    if self._turn is not None:
-                        self._turn.cancel()
+                    self._cancel()
                 elif self._busy:
                     await self._send_error(SessionBusy(self._session_id))
                 else:
-                    self._busy = True
+                    self._busy, self._cancel_pending = True, False
                     self._inbox.put_nowait(frame)
         except _GONE:
             return
         finally:
-            if self._turn is not None:
-                self._turn.cancel()  # a disconnect stops generation within one decode step
+            self._cancel()  # a disconnect stops generation within one decode step
             self._inbox.put_nowait(None)
+
+    def _cancel(self) -> None:
+        """Cancel the running turn, or the one being set up as soon as it exists; nothing when idle."""
+        if self._turn is not None:
+            self._turn.cancel()
+        elif self._busy:
+            self._cancel_pending = True
 
     async def _parse(self, message: dict[str, Any]) -> MessageFrame | CancelFrame | None:
         """The frame, or None after sending an error frame for a bad one."""
@@ -115,6 +122,8 @@ class _Connection:
         params = chat.sampling_params(frame)
         async with chat.turn(self._owner, self._session_id, content, params) as turn:
             self._turn = turn
+            if self._cancel_pending:
+                turn.cancel()
             try:
                 await self._send(
                     {"type": "start", "session_id": self._session_id, "prompt_tokens": len(turn.prompt_ids)}

@@ -125,6 +125,21 @@ def test_cancel_stops_the_reply_and_stores_it_as_cancelled(
     assert messages[1]["finish_reason"] == "cancelled" and messages[1]["content"] == "".join(texts)
 
 
+def test_a_cancel_sent_right_after_the_message_is_not_lost(
+    base_url: str, http: httpx.Client, tokenizer: ChatTokenizer
+) -> None:
+    """The cancel may arrive while the turn is still taking its lock: it must still stop the reply."""
+    session_id = http.post("/v1/sessions").json()["session_id"]
+    with open_ws(base_url, session_id, AUTH) as ws:
+        send(ws, type="message", content="Talk forever.", **endless_params(tokenizer, MAX_TOKENS))
+        send(ws, type="cancel")
+        while (event := frame(ws))["type"] in ("start", "token"):
+            pass
+        assert event["type"] == "done", event
+        assert event["message"]["finish_reason"] == "cancelled"
+        assert event["usage"]["completion_tokens"] < MAX_TOKENS
+
+
 def test_disconnect_stops_the_reply_and_releases_the_session(
     base_url: str, http: httpx.Client, tokenizer: ChatTokenizer
 ) -> None:
