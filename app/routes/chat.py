@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 from fastapi import APIRouter, Request
 
@@ -32,13 +31,16 @@ def reply_out(outcome: TurnOutcome) -> ReplyOut:
     )
 
 
-async def _cancel_on_disconnect(request: Request, turn: Turn) -> None:
-    """A client that hangs up cancels its generation (the partial reply is stored as "cancelled")."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            turn.cancel()
-            return
+async def _watch_disconnect(request: Request, disconnected: asyncio.Event) -> None:
+    """Set `disconnected` when the client hangs up (the body is already read, so receive() waits)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    disconnected.set()
+
+
+async def _cancel_when(disconnected: asyncio.Event, turn: Turn) -> None:
+    await disconnected.wait()
+    turn.cancel()
 
 
 @router.post("/{session_id}/messages", response_model_exclude_none=True)
@@ -47,12 +49,16 @@ async def post_message(
 ) -> ReplyOut:
     content = chat.check_content(body.content)
     params = chat.sampling_params(body)
-    async with chat.turn(owner, session_id, content, params) as turn:
-        watcher = asyncio.create_task(_cancel_on_disconnect(request, turn))
-        try:
+    # A client that hangs up cancels its generation (the partial reply is stored as "cancelled"), even
+    # when it hangs up while the turn is still being set up.
+    disconnected = asyncio.Event()
+    tasks = [asyncio.create_task(_watch_disconnect(request, disconnected))]
+    try:
+        async with chat.turn(owner, session_id, content, params) as turn:
+            tasks.append(asyncio.create_task(_cancel_when(disconnected, turn)))
             outcome = await turn.finish()
-        finally:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
     return reply_out(outcome)
