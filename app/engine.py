@@ -25,9 +25,8 @@ import torch
 from app.errors import EngineUnavailable, Overloaded
 from app.metrics import Metrics
 from app.state_cache import StateCache
+from model import DecodeState, ReformerLM
 from model.generate import FinishReason, SamplingParams, StopStringMatcher, generate
-from model.reformer import ReformerLM
-from model.state import DecodeState
 
 logger = logging.getLogger(__name__)
 

@@ -29,8 +29,7 @@ from app.metrics import Metrics
 from app.routes import admin, chat, sessions, stream
 from app.services import Services
 from app.store import SessionStore
-from model.checkpoint import load_checkpoint
-from model.reformer import ReformerLM
+from model import ReformerLM, load_checkpoint
 from model.tokenizer import ChatTokenizer
 
 logger = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from app.metrics import Metrics
-from model.state import DecodeState
+from model import DecodeState
 
 CacheKey = tuple[str, str]  # (owner, session_id)
 
