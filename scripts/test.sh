@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Set up (first run only) and run the whole test suite: bash scripts/test.sh [pytest args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh dev
+# Tests that use REDIS_URL talk to a Redis at 127.0.0.1:6379 (CI machines run one); start one if absent.
+if ! .venv/bin/python -c "import redis; redis.Redis(port=6379, socket_timeout=1).ping()" 2>/dev/null; then
+    if command -v redis-server >/dev/null; then
+        redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no
+    else
+        echo "note: no Redis at 127.0.0.1:6379 and no redis-server binary; REDIS_URL tests will be skipped" >&2
+    fi
+fi
+exec .venv/bin/python -m pytest "$@"
