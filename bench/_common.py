@@ -21,9 +21,11 @@ import math
 import os
 import platform
 import resource
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -122,24 +124,18 @@ def run_isolated(target: str, spec: dict[str, Any], timeout_s: float, mem_limit_
     """
     env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), PYTHONPATH=str(REPO_ROOT))
     cmd = [sys.executable, "-m", "bench._worker", target, json.dumps(spec)]
-    proc = subprocess.Popen(
-        cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    start = time.monotonic()
-    reason = None
-    max_rss = 0
-    while proc.poll() is None:
-        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-            max_rss = max(max_rss, _rss_bytes(proc.pid))
-        if max_rss > mem_limit_bytes:
-            reason = f"memory guard: RSS passed {mem_limit_bytes / GB:.0f} GB"
-        elif time.monotonic() - start > timeout_s:
-            reason = f"timeout after {timeout_s:.0f} s"
-        if reason:
-            proc.kill()
-            break
-        time.sleep(0.05)
-    out, err = proc.communicate()
+    # Files, not pipes: a chatty child must never block on a full pipe while the parent only polls.
+    with tempfile.TemporaryFile("w+") as out_file, tempfile.TemporaryFile("w+") as err_file:
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=out_file, stderr=err_file, text=True)
+        try:
+            reason = _watch(proc, timeout_s, mem_limit_bytes)
+        finally:
+            if proc.poll() is None:  # the parent is being stopped: never leave an orphan computing
+                proc.kill()
+                proc.wait()
+        out_file.seek(0)
+        err_file.seek(0)
+        out, err = out_file.read(), err_file.read()
     if reason:
         return {"skipped": reason}
     for line in reversed(out.splitlines()):
@@ -147,6 +143,26 @@ def run_isolated(target: str, spec: dict[str, Any], timeout_s: float, mem_limit_
             return json.loads(line[len(RESULT_MARK) :])
     tail = " | ".join(err.strip().splitlines()[-3:])
     return {"skipped": f"crashed (exit {proc.returncode}): {tail[-300:]}"}
+
+
+def _watch(proc: subprocess.Popen[str], timeout_s: float, mem_limit_bytes: int) -> str | None:
+    """Poll the child until it exits; kill it and say why if it passes the memory or time limit."""
+    start = time.monotonic()
+    max_rss = 0
+    while proc.poll() is None:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            max_rss = max(max_rss, _rss_bytes(proc.pid))
+        reason = None
+        if max_rss > mem_limit_bytes:
+            reason = f"memory guard: RSS passed {mem_limit_bytes / GB:.1f} GB"
+        elif time.monotonic() - start > timeout_s:
+            reason = f"timeout after {timeout_s:.0f} s"
+        if reason:
+            proc.kill()
+            proc.wait()
+            return reason
+        time.sleep(0.05)
+    return None
 
 
 def extrapolate(points: list[tuple[float, float]], x: float) -> float | None:
@@ -230,6 +246,8 @@ def sweep(
     or failed at a smaller size is not retried at a bigger one. ``reps`` fixes the timed repetitions after
     the cold step (0: time only the cold step) instead of planning them from the predicted step time.
     """
+    # SIGTERM (kill PID) -> SystemExit, so run_isolated's cleanup stops the running child too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     rows: list[dict[str, Any]] = []
     for spec in specs:
         series = [r for r in rows if (r["model"], r.get("mode")) == (spec["model"], spec.get("mode"))]

@@ -90,13 +90,22 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             rivals = [r for r in cells if r and "time_s" in r]
             if mine is None or "time_s" not in mine or not rivals:
                 continue
+            # Each metric against its own fastest rival (wall and CPU may disagree under load).
             fastest = min(rivals, key=lambda r: r["time_s"])
+            fastest_cpu = min(rivals, key=lambda r: r["cpu_s"])
+            against = fastest["model"]
+            if fastest_cpu is not fastest:
+                against += f" (cpu: {fastest_cpu['model']})"
+            speedup = {
+                "wall": fastest["time_s"] / mine["time_s"],
+                "cpu": fastest_cpu["cpu_s"] / mine["cpu_s"],
+            }
             out.append(
                 target(
                     f"train step {kilo(length)}: faster than the fastest rival",
                     ours,
-                    fastest["model"],
-                    _ratio(fastest, mine),
+                    against,
+                    speedup,
                     ">= 2",
                 )
             )
@@ -187,7 +196,7 @@ def main() -> None:
     specs = [
         {"model": m, "mode": mode, "length": n, "depth": args.depth, "batch": args.batch, "vocab": args.vocab}
         for n in lengths
-        for mode in MODES
+        for mode in args.modes
         for m in args.models
     ]
     payload: dict[str, Any] = {
