@@ -20,8 +20,7 @@ from app.errors import EngineFailed, InvalidRequest, SessionNotFound, StoreUnava
 from app.schemas import SamplingFields
 from app.state_cache import CacheKey
 from app.store import SessionRecord, SessionStore, StoredMessage, TurnConflict, TurnLock, utc_now
-from model.generate import SamplingParams
-from model.tokenizer import ChatTokenizer
+from model import ChatTokenizer, SamplingParams
 
 logger = logging.getLogger(__name__)
 

@@ -25,8 +25,7 @@ import torch
 from app.errors import EngineUnavailable, Overloaded
 from app.metrics import Metrics
 from app.state_cache import StateCache
-from model import DecodeState, ReformerLM
-from model.generate import FinishReason, SamplingParams, StopStringMatcher, generate
+from model import DecodeState, FinishReason, ReformerLM, SamplingParams, StopStringMatcher, generate
 
 logger = logging.getLogger(__name__)
 

@@ -29,8 +29,7 @@ from app.metrics import Metrics
 from app.routes import admin, chat, sessions, stream
 from app.services import Services
 from app.store import SessionStore
-from model import ReformerLM, load_checkpoint
-from model.tokenizer import ChatTokenizer
+from model import ChatTokenizer, ReformerLM, load_checkpoint
 
 logger = logging.getLogger(__name__)
 
