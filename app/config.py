@@ -12,6 +12,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from app.redis_client import RedisTarget, resolve_redis_target
+
 # The checkpoint that ships with the repository, found relative to this package (not the working
 # directory), so `python -m app` works from anywhere in a checkout.
 SHIPPED_MODEL_DIR = Path(__file__).resolve().parent.parent / "checkpoints" / "reformer-chat-small"
@@ -28,6 +30,7 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     redis_url: str | None = None
+    redis_cluster: bool = False
     redis_key_prefix: str = "reformer-chat:"
     redis_timeout_seconds: float = Field(default=2.0, gt=0)
     data_dir: Path = Path("./data")
@@ -79,6 +82,19 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _cluster_needs_a_cluster_url(self) -> Settings:
+        """Fail at start, naming the fix, rather than at the first turn with a confusing client error."""
+        if self.redis_url is None:
+            if self.redis_cluster:
+                raise ValueError(
+                    "REDIS_CLUSTER=true needs REDIS_URL set to a node of the cluster (the embedded Redis "
+                    "is a single server): set REDIS_URL=redis://host:port, or REDIS_CLUSTER=false"
+                )
+        else:
+            resolve_redis_target(self.redis_url, cluster=self.redis_cluster)
+        return self
+
+    @model_validator(mode="after")
     def _refuse_open_production(self) -> Settings:
         """Production must not run open: an unset key list would expose every session to everyone."""
         if self.environment == "production":
@@ -93,6 +109,14 @@ class Settings(BaseSettings):
                     "ENVIRONMENT=development for a local, unauthenticated server"
                 )
         return self
+
+    @property
+    def redis_target(self) -> RedisTarget | None:
+        """REDIS_URL and REDIS_CLUSTER resolved (a `redis+cluster://` URL implies a cluster); None when
+        the embedded Redis is to be used."""
+        if self.redis_url is None:
+            return None
+        return resolve_redis_target(self.redis_url, cluster=self.redis_cluster)
 
     @property
     def resolved_model_dir(self) -> Path:

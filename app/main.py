@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 from fastapi import FastAPI
-from redis.asyncio import Redis
 
 from app.auth import AdminAuth, ApiKeyAuth
 from app.chat import ChatService
@@ -26,6 +25,7 @@ from app.engine import ChatEngine
 from app.errors import StoreUnavailable, install_error_handlers
 from app.limits import BodySizeLimit
 from app.metrics import Metrics
+from app.redis_client import RedisTarget, connect_redis
 from app.routes import admin, chat, sessions, stream
 from app.services import Services
 from app.store import SessionStore
@@ -53,15 +53,6 @@ def load_model(settings: Settings) -> tuple[ReformerLM, ChatTokenizer, Path]:
     return model, tokenizer, path
 
 
-def _connect_redis(settings: Settings, url: str) -> Redis:
-    # Short timeouts: a Redis that stopped answering should become a quick 503, not a hung request.
-    # redis-py reconnects on the next command once the server is back.
-    timeout = settings.redis_timeout_seconds
-    return Redis.from_url(
-        url, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=30
-    )
-
-
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
@@ -69,12 +60,12 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         # The model first: a bad MODEL_DIR should fail before anything is started or written.
         model, tokenizer, checkpoint = await asyncio.to_thread(load_model, settings)
         metrics = Metrics()
-        url = settings.redis_url
-        if url is None:
+        target = settings.redis_target
+        if target is None:
             embedded = EmbeddedRedis(settings.data_dir)
-            url = await asyncio.to_thread(embedded.start)
+            target = RedisTarget(await asyncio.to_thread(embedded.start), cluster=False)
             stack.callback(embedded.stop)
-        client = _connect_redis(settings, url)
+        client = connect_redis(target, timeout=settings.redis_timeout_seconds)
         stack.push_async_callback(client.aclose)
         store = SessionStore(
             client,
@@ -112,13 +103,15 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
             await store.ping()
         except StoreUnavailable:
-            logger.warning("Redis at %s is not answering yet; /admin/ready reports 503 until it does", url)
+            logger.warning(
+                "Redis at %s is not answering yet; /admin/ready reports 503 until it does", target.url
+            )
         logger.info(
             "serving %s (%d parameters) on %s; Redis %s",
             checkpoint,
             model_info["parameters"],
             engine.device,
-            "embedded" if settings.redis_url is None else "at REDIS_URL",
+            "embedded" if settings.redis_url is None else "Cluster" if target.cluster else "at REDIS_URL",
         )
         yield
 

@@ -9,8 +9,11 @@ slot and one Lua script may touch them all):
     {prefix}chat:{<id>}:lock   string: the per-session turn lock (random token, expires unless renewed)
 
 The token ids are what rebuilds a decode state, so a turn never re-tokenises history; a string lets a turn
-read just the tail it needs (GETRANGE) instead of the whole conversation. Every multi-key change is one Lua
-script, so no reader ever sees a half turn, and every access slides the TTL of all three data keys.
+read just the tail it needs (GETRANGE) instead of the whole conversation. Every change is one Lua script,
+so no reader ever sees a half turn, and every access slides the TTL of all three data keys.
+
+The same code runs on one Redis and on a Redis Cluster (app/redis_client.py): every script is handed all
+the keys it touches in KEYS, and they are always keys of one session, so one hash tag and one slot.
 """
 
 from __future__ import annotations
@@ -28,15 +31,22 @@ from datetime import UTC, datetime
 
 import numpy as np
 from redis import exceptions as redis_errors
-from redis.asyncio import Redis
 
 from app.errors import SessionBusy, SessionNotFound, StoreUnavailable
 from app.metrics import Metrics
+from app.redis_client import RedisClient
 
 logger = logging.getLogger(__name__)
 
 _ID_BYTES = 4  # one token id = one little-endian uint32 in the ids string
 _ID_DTYPE = "<u4"
+
+# KEYS: meta. ARGV: owner, created_at, ttl_ms. A script rather than MULTI: the metadata never exists
+# without its TTL, and no client needs cluster transactions.
+_CREATE = """
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'created_at', ARGV[2], 'updated_at', ARGV[2])
+return redis.call('PEXPIRE', KEYS[1], ARGV[3])
+"""
 
 # KEYS: meta, msgs, ids. ARGV: owner, ttl_ms, with_messages ("1"/"0").
 # -> false when missing or owned by another key, else {created_at, ids_bytes, messages...}.
@@ -149,7 +159,7 @@ class SessionStore:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         *,
         prefix: str,
         ttl_seconds: int,
@@ -163,6 +173,7 @@ class SessionStore:
         self.lock_ms = int(lock_seconds * 1000)
         self._retry_after = retry_after
         self._metrics = metrics
+        self._create = redis.register_script(_CREATE)
         self._read = redis.register_script(_READ)
         self._delete = redis.register_script(_DELETE)
         self._lock = redis.register_script(_LOCK)
@@ -182,7 +193,8 @@ class SessionStore:
         start = time.perf_counter()
         try:
             yield
-        except redis_errors.RedisError as exc:
+        # RedisClusterException is not a RedisError: the cluster client raises it when no node answers.
+        except (redis_errors.RedisError, redis_errors.RedisClusterException) as exc:
             self._metrics.redis_errors.labels(name).inc()
             if isinstance(exc, redis_errors.ResponseError):
                 logger.error("redis rejected %s: %s", name, exc)
@@ -201,11 +213,8 @@ class SessionStore:
 
     async def create(self, owner: str) -> SessionRecord:
         session_id, created_at = new_session_id(), utc_now()
-        meta = self.key(session_id, "meta")
-        async with self._op("create"), self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(meta, mapping={"owner": owner, "created_at": created_at, "updated_at": created_at})
-            pipe.pexpire(meta, self._ttl_ms)
-            await pipe.execute()
+        async with self._op("create"):
+            await self._create(keys=[self.key(session_id, "meta")], args=[owner, created_at, self._ttl_ms])
         return SessionRecord(session_id, created_at, 0)
 
     async def get(self, session_id: str, owner: str, *, with_messages: bool = True) -> SessionRecord:
