@@ -1,31 +1,53 @@
-"""SessionStore against a real Redis: ownership, atomic turns, append-only token ids, TTLs, the turn lock."""
+"""SessionStore against a real Redis: ownership, atomic turns, append-only token ids, TTLs, the turn lock.
+
+Every test runs twice: on CI's Redis, and on a real three-master Redis Cluster (tests/deploy/redis_cluster.py)
+through the cluster client, where each script must find all its keys on one slot.
+"""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from redis.asyncio import Redis
 
 from app.errors import SessionBusy, SessionNotFound, StoreUnavailable
 from app.metrics import Metrics
+from app.redis_client import RedisClient, connect_redis, resolve_redis_target
 from app.store import SessionStore, StoredMessage, TurnConflict
-from tests.app.support import TEST_REDIS_URL, free_port
+from tests.app.support import TEST_REDIS_URL, free_port, new_prefix
+from tests.deploy.redis_cluster import ClusterInfo, redis_cluster  # noqa: F401 (a session fixture)
 
 TTL = 3600
 
 
-def make_store(prefix: str, url: str = TEST_REDIS_URL, **kwargs: Any) -> tuple[SessionStore, Redis]:
-    client = Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+@dataclass(frozen=True)
+class Target:
+    url: str
+    prefix: str
+
+
+@pytest.fixture(params=["redis", "cluster"])
+def target(request: pytest.FixtureRequest) -> Target:
+    """CI's Redis under a prefix removed afterwards, or the session's Redis Cluster (torn down at the end)."""
+    if request.param == "redis":
+        return Target(TEST_REDIS_URL, request.getfixturevalue("redis_prefix"))
+    cluster: ClusterInfo = request.getfixturevalue("redis_cluster")
+    return Target(cluster.url, new_prefix())
+
+
+def make_store(target: Target, **kwargs: Any) -> tuple[SessionStore, RedisClient]:
+    """A store on the client the app would build for this URL (a redis+cluster:// URL: the cluster one)."""
+    client = connect_redis(resolve_redis_target(target.url, cluster=False), timeout=1)
     options = {"ttl_seconds": TTL, "lock_seconds": 30, "retry_after": 3, "metrics": Metrics(), **kwargs}
-    return SessionStore(client, prefix=prefix, **options), client
+    return SessionStore(client, prefix=target.prefix, **options), client
 
 
-def run_with_store(prefix: str, body: Callable[[SessionStore, Redis], Awaitable[None]]) -> None:
+def run_with_store(target: Target, body: Callable[[SessionStore, RedisClient], Awaitable[None]]) -> None:
     async def main() -> None:
-        store, client = make_store(prefix)
+        store, client = make_store(target)
         try:
             await body(store, client)
         finally:
@@ -38,8 +60,8 @@ def turn(content: str, reply: str) -> list[StoredMessage]:
     return [StoredMessage("user", content, "t0"), StoredMessage("assistant", reply, "t1", "stop")]
 
 
-def test_sessions_belong_to_their_owner(redis_prefix: str) -> None:
-    async def body(store: SessionStore, client: Redis) -> None:
+def test_sessions_belong_to_their_owner(target: Target) -> None:
+    async def body(store: SessionStore, client: RedisClient) -> None:
         created = await store.create("alice")
         assert len(created.session_id) >= 22  # >= 128 random bits, URL-safe base64
         record = await store.get(created.session_id, "alice")
@@ -53,11 +75,11 @@ def test_sessions_belong_to_their_owner(redis_prefix: str) -> None:
             await store.get(created.session_id, "alice")
         assert await client.exists(*store._data_keys(created.session_id)) == 0
 
-    run_with_store(redis_prefix, body)
+    run_with_store(target, body)
 
 
-def test_turns_append_messages_and_token_ids_together(redis_prefix: str) -> None:
-    async def body(store: SessionStore, client: Redis) -> None:
+def test_turns_append_messages_and_token_ids_together(target: Target) -> None:
+    async def body(store: SessionStore, client: RedisClient) -> None:
         sid = (await store.create("alice")).session_id
         async with store.turn_lock(sid, "alice") as lock:
             assert lock.context_tokens == 0
@@ -88,11 +110,11 @@ def test_turns_append_messages_and_token_ids_together(redis_prefix: str) -> None
         assert await store.read_ids(sid, 4, 6) == [1, 2]
         assert await store.read_ids(sid, 6, 6) == []
 
-    run_with_store(redis_prefix, body)
+    run_with_store(target, body)
 
 
-def test_a_turn_is_refused_when_the_lock_is_not_held_or_the_ids_moved(redis_prefix: str) -> None:
-    async def body(store: SessionStore, client: Redis) -> None:
+def test_a_turn_is_refused_when_the_lock_is_not_held_or_the_ids_moved(target: Target) -> None:
+    async def body(store: SessionStore, client: RedisClient) -> None:
         sid = (await store.create("alice")).session_id
         with pytest.raises(TurnConflict, match="lock"):
             await store.append_turn(
@@ -108,12 +130,12 @@ def test_a_turn_is_refused_when_the_lock_is_not_held_or_the_ids_moved(redis_pref
         # Nothing was written by any refused turn: the deleted session left no keys behind.
         assert await client.exists(*store._data_keys(sid)) == 0
 
-    run_with_store(redis_prefix, body)
+    run_with_store(target, body)
 
 
-def test_the_lock_holds_across_replicas_and_is_released(redis_prefix: str) -> None:
-    async def body(store: SessionStore, client: Redis) -> None:
-        other, other_client = make_store(redis_prefix)  # a second replica: its own client and store
+def test_the_lock_holds_across_replicas_and_is_released(target: Target) -> None:
+    async def body(store: SessionStore, client: RedisClient) -> None:
+        other, other_client = make_store(target)  # a second replica: its own client and store
         try:
             sid = (await store.create("alice")).session_id
             async with store.turn_lock(sid, "alice"):
@@ -129,11 +151,11 @@ def test_the_lock_holds_across_replicas_and_is_released(redis_prefix: str) -> No
         finally:
             await other_client.aclose()
 
-    run_with_store(redis_prefix, body)
+    run_with_store(target, body)
 
 
-def test_only_the_holder_can_renew_or_release_the_lock(redis_prefix: str) -> None:
-    async def body(store: SessionStore, client: Redis) -> None:
+def test_only_the_holder_can_renew_or_release_the_lock(target: Target) -> None:
+    async def body(store: SessionStore, client: RedisClient) -> None:
         sid = (await store.create("alice")).session_id
         lock_key = store.key(sid, "lock")
         assert await store.try_lock(sid, "alice", "mine") == 0
@@ -147,11 +169,11 @@ def test_only_the_holder_can_renew_or_release_the_lock(redis_prefix: str) -> Non
         await store.unlock(sid, "mine")
         assert await client.exists(lock_key) == 0
 
-    run_with_store(redis_prefix, body)
+    run_with_store(target, body)
 
 
-def test_every_access_slides_the_ttl_of_all_keys(redis_prefix: str) -> None:
-    async def body(store: SessionStore, client: Redis) -> None:
+def test_every_access_slides_the_ttl_of_all_keys(target: Target) -> None:
+    async def body(store: SessionStore, client: RedisClient) -> None:
         sid = (await store.create("alice")).session_id
         async with store.turn_lock(sid, "alice") as lock:
             await store.append_turn(
@@ -165,13 +187,16 @@ def test_every_access_slides_the_ttl_of_all_keys(redis_prefix: str) -> None:
         for key in keys:
             assert await client.pttl(key) > 5000
 
-    run_with_store(redis_prefix, body)
+    run_with_store(target, body)
 
 
-def test_unreachable_redis_is_store_unavailable_with_retry_after() -> None:
+@pytest.mark.parametrize("scheme", ["redis", "redis+cluster"])
+def test_unreachable_redis_is_store_unavailable_with_retry_after(scheme: str) -> None:
     async def main() -> None:
         metrics = Metrics()
-        store, client = make_store("test:down:", url=f"redis://127.0.0.1:{free_port()}/0", metrics=metrics)
+        store, client = make_store(
+            Target(f"{scheme}://127.0.0.1:{free_port()}", "test:down:"), metrics=metrics
+        )
         try:
             for call in (store.ping(), store.create("alice"), store.get("x" * 22, "alice")):
                 with pytest.raises(StoreUnavailable) as error:
