@@ -1,7 +1,7 @@
 """The Reformer language model; knows nothing of HTTP or Redis.
 
 Public face: ReformerConfig, ReformerLM, DecodeState, load_checkpoint (-> model, tokenizer), and the
-generation steps (SamplingParams, sample, prefill, decode_step, generate) the service builds on.
+generation steps (SamplingParams, sample, sample_rows, prefill, decode_step, generate) the service builds on.
 """
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -15,6 +15,7 @@ from .generate import (
     generate,
     prefill,
     sample,
+    sample_rows,
 )
 from .reformer import ReformerLM
 from .state import DecodeState
@@ -36,5 +37,6 @@ __all__ = [
     "load_checkpoint",
     "prefill",
     "sample",
+    "sample_rows",
     "save_checkpoint",
 ]

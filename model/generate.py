@@ -96,6 +96,17 @@ def _apply_repetition_penalty(logits: Tensor, history_ids: Sequence[Sequence[int
     return logits
 
 
+def _apply_logit_bias(logits: Tensor, logit_bias: Mapping[int, float]) -> None:
+    """Add the bias to every row of logits (B, V) in place; ids outside the vocabulary are refused."""
+    vocab = logits.shape[-1]
+    outside = [i for i in logit_bias if not 0 <= i < vocab]
+    if outside:
+        raise ValueError(f"logit_bias token ids {outside} are outside the vocabulary [0, {vocab})")
+    index = torch.tensor(list(logit_bias), device=logits.device, dtype=torch.long)
+    bias = torch.tensor(list(logit_bias.values()), device=logits.device, dtype=logits.dtype)
+    logits[:, index] += bias
+
+
 def _filter_top_k(logits: Tensor, k: int) -> Tensor:
     if k <= 0 or k >= logits.shape[-1]:
         return logits
@@ -128,13 +139,7 @@ def sample(
     """
     logits = logits.float().clone()  # (B, V)
     if params.logit_bias:
-        vocab = logits.shape[-1]
-        outside = [i for i in params.logit_bias if not 0 <= i < vocab]
-        if outside:
-            raise ValueError(f"logit_bias token ids {outside} are outside the vocabulary [0, {vocab})")
-        index = torch.tensor(list(params.logit_bias), device=logits.device, dtype=torch.long)
-        bias = torch.tensor(list(params.logit_bias.values()), device=logits.device, dtype=logits.dtype)
-        logits[:, index] += bias
+        _apply_logit_bias(logits, params.logit_bias)
     if params.repetition_penalty != 1.0 and history_ids is not None:
         if len(history_ids) != logits.shape[0]:
             raise ValueError(f"history_ids has {len(history_ids)} rows but logits has {logits.shape[0]}")
@@ -145,6 +150,72 @@ def sample(
     logits = _filter_top_p(logits, params.top_p)
     probs = logits.softmax(dim=-1)  # (B, V)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)  # (B,)
+
+
+def sample_rows(
+    logits: Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+    history_ids: Sequence[Sequence[int]],
+) -> list[int]:
+    """One token per row of logits (B, V), each row with its own parameters, generator and reply so far.
+
+    The rows are different conversations that share one decode step of the continuous-batching engine.
+    Row i gets exactly the token `sample(logits[i:i+1], params[i], generators[i], [history_ids[i]])`
+    would give, so a seeded request draws the same reply whoever its batch companions are. The filters
+    run on all rows at once; only the draw is per row, because each row owns its generator.
+    """
+    rows = logits.shape[0]
+    if not len(params) == len(generators) == len(history_ids) == rows:
+        raise ValueError(
+            f"need one params, generator and history per row: {rows} rows, {len(params)} params, "
+            f"{len(generators)} generators, {len(history_ids)} histories"
+        )
+    logits = logits.float().clone()  # (B, V)
+    for row, (row_params, ids) in enumerate(zip(params, history_ids, strict=True)):
+        if row_params.logit_bias:
+            _apply_logit_bias(logits[row : row + 1], row_params.logit_bias)
+        if row_params.repetition_penalty != 1.0 and ids:
+            _apply_repetition_penalty(logits[row : row + 1], [ids], row_params.repetition_penalty)
+    picks: list[int] = logits.argmax(dim=-1).tolist()  # the greedy rows' answer
+    sampled = [row for row, p in enumerate(params) if p.temperature > 0]
+    if not sampled:
+        return picks
+    device = logits.device
+    index = torch.tensor(sampled, device=device)
+    temperature = torch.tensor([params[r].temperature for r in sampled], device=device)[:, None]  # (S, 1)
+    scaled = _filter_top_k_rows(logits[index] / temperature, [params[r].top_k for r in sampled])  # (S, V)
+    scaled = _filter_top_p_rows(scaled, [params[r].top_p for r in sampled])
+    probs = scaled.softmax(dim=-1)
+    for i, row in enumerate(sampled):
+        draw = torch.multinomial(probs[i : i + 1], num_samples=1, generator=generators[row])  # (1, 1)
+        picks[row] = int(draw.item())
+    return picks
+
+
+def _filter_top_k_rows(logits: Tensor, ks: Sequence[int]) -> Tensor:
+    """_filter_top_k with its own k per row of logits (S, V); k = 0 (or >= V) leaves a row alone."""
+    vocab = logits.shape[-1]
+    on = [0 < k < vocab for k in ks]
+    if not any(on):
+        return logits
+    top = torch.topk(logits, max(k for k, o in zip(ks, on, strict=True) if o), dim=-1).values  # (S, K)
+    index = torch.tensor([k - 1 if o else 0 for k, o in zip(ks, on, strict=True)], device=logits.device)
+    kth = top.gather(-1, index[:, None])  # (S, 1): each row's k-th largest logit
+    kth = torch.where(torch.tensor(on, device=logits.device)[:, None], kth, float("-inf"))
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def _filter_top_p_rows(logits: Tensor, ps: Sequence[float]) -> Tensor:
+    """_filter_top_p with its own p per row of logits (S, V); p = 1 leaves a row alone."""
+    if all(p >= 1.0 for p in ps):
+        return logits
+    p = torch.tensor(ps, device=logits.device, dtype=logits.dtype)[:, None]  # (S, 1)
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (S, V)
+    probs = sorted_logits.softmax(dim=-1)
+    drop_sorted = (probs.cumsum(dim=-1) - probs >= p) & (p < 1.0)  # (S, V)
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
 
 
 def prefill(
