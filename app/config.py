@@ -13,6 +13,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from app.redis_client import RedisTarget, resolve_redis_target
+from app.security import normalize_origin
 
 # The checkpoint that ships with the repository, found relative to this package (not the working
 # directory), so `python -m app` works from anywhere in a checkout.
@@ -41,6 +42,9 @@ class Settings(BaseSettings):
 
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     admin_token: SecretStr | None = None
+    rate_limit_per_minute: int = Field(default=120, ge=0)
+    cors_allow_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    ws_allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     session_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=60)
     session_lock_seconds: float = Field(default=30.0, ge=1.0)
@@ -64,6 +68,15 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [key.strip() for key in value.split(",") if key.strip()]
         return value
+
+    @field_validator("cors_allow_origins", "ws_allowed_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        """Origin lists are comma-separated in the environment; each must be `*` or scheme://host[:port]."""
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list | tuple):
+            return value
+        return [normalize_origin(str(item)) for item in items if str(item).strip()]
 
     @field_validator("redis_url", "admin_token", "model_dir", mode="before")
     @classmethod

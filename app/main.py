@@ -22,11 +22,14 @@ from app.chat import ChatService
 from app.config import Settings
 from app.embedded_redis import EmbeddedRedis
 from app.engine import ChatEngine
+from app.error_responses import ADMIN_ERRORS, CHAT_ERRORS, SESSION_ERRORS
 from app.errors import StoreUnavailable, install_error_handlers
 from app.limits import BodySizeLimit
 from app.metrics import Metrics
+from app.ratelimit import RateLimitDep, RateLimiter
 from app.redis_client import RedisTarget, connect_redis
 from app.routes import admin, chat, sessions, stream
+from app.security import install_cors
 from app.services import Services
 from app.store import SessionStore
 from model import ChatTokenizer, ReformerLM, load_checkpoint
@@ -72,6 +75,14 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             prefix=settings.redis_key_prefix,
             ttl_seconds=settings.session_ttl_seconds,
             lock_seconds=settings.session_lock_seconds,
+            retry_after=settings.retry_after_seconds,
+            metrics=metrics,
+        )
+        # On app.state, not Services: the limiter is a router dependency, not a part routes call.
+        app.state.rate_limiter = RateLimiter(
+            client,
+            prefix=settings.redis_key_prefix,
+            per_minute=settings.rate_limit_per_minute,
             retry_after=settings.retry_after_seconds,
             metrics=metrics,
         )
@@ -130,6 +141,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    for module in (sessions, chat, stream, admin):
-        app.include_router(module.router)
+    install_cors(app, settings.cors_allow_origins)  # outermost: even a 413 carries CORS headers
+    # Creating routes (a turn, a session) spend the caller's rate-limit budget; see app/ratelimit.py.
+    app.include_router(sessions.router, dependencies=[RateLimitDep], responses=SESSION_ERRORS)
+    app.include_router(chat.router, dependencies=[RateLimitDep], responses=CHAT_ERRORS)
+    app.include_router(stream.router)
+    app.include_router(admin.router, responses=ADMIN_ERRORS)
     return app

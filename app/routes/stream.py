@@ -3,9 +3,12 @@
 Client frames: `{"type": "message", "content": ..., <sampling fields>}` and `{"type": "cancel"}`.
 Server frames: `start`, `token` (texts concatenate to exactly the stored reply), `done`, `error`.
 One turn at a time per connection: a message sent while a reply is streaming gets an error frame
-(`session_busy`), as a second turn on a busy session gets 409 over REST. A bad frame gets an error frame
-and the socket stays usable; a failed auth closes with 1008. A disconnect or a cancel stops generation
-within one decode step, and the turn is stored with what was generated, as "cancelled".
+(`session_busy`), as a second turn on a busy session gets 409 over REST. A bad frame (invalid JSON, an
+unknown type, a binary frame) gets an error frame and the socket stays usable; a failed auth closes with
+1008, a frame over the server's size limit with 1009 (uvicorn's `ws_max_size`), invalid UTF-8 with 1007.
+A handshake from a browser page of a foreign origin is refused before it is accepted (app/security.py).
+Each message spends the caller's rate-limit budget like a REST turn. A disconnect or a cancel stops
+generation within one decode step, and the turn is stored with what was generated, as "cancelled".
 """
 
 from __future__ import annotations
@@ -24,8 +27,10 @@ from app.auth import bearer_token
 from app.chat import ChatService, Turn
 from app.deps import ServicesDep, valid_session_id
 from app.errors import InvalidRequest, ServiceError, SessionBusy, StoreUnavailable, Unauthorized
+from app.ratelimit import RateLimiter, caller_identity
 from app.routes.chat import reply_out
 from app.schemas import CancelFrame, ClientFrame, MessageFrame
+from app.security import websocket_origin_allowed
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +51,13 @@ def _frame_error(exc: ValidationError) -> InvalidRequest:
 class _Connection:
     """One accepted websocket: a reader task for client frames, the main task for turns."""
 
-    def __init__(self, websocket: WebSocket, chat: ChatService, owner: str, session_id: str) -> None:
+    def __init__(
+        self, websocket: WebSocket, chat: ChatService, limiter: RateLimiter, owner: str, session_id: str
+    ) -> None:
         self._ws = websocket
         self._chat = chat
+        self._limiter = limiter
+        self._identity = caller_identity(owner, websocket.client.host if websocket.client else None)
         self._owner = owner
         self._session_id = session_id
         self._send_lock = asyncio.Lock()
@@ -108,10 +117,12 @@ class _Connection:
     async def _parse(self, message: dict[str, Any]) -> MessageFrame | CancelFrame | None:
         """The frame, or None after sending an error frame for a bad one."""
         raw = message.get("text")
-        if raw is None and message.get("bytes") is not None:
-            raw = message["bytes"].decode("utf-8", errors="replace")
+        if raw is None:
+            # Not decoded with replacement characters: that would store text the user never sent.
+            await self._send_error(InvalidRequest("binary frames are refused: send JSON in a text frame"))
+            return None
         try:
-            return _FRAME.validate_json(raw or "")
+            return _FRAME.validate_json(raw)
         except ValidationError as exc:
             await self._send_error(_frame_error(exc))
             return None
@@ -120,6 +131,7 @@ class _Connection:
         chat = self._chat
         content = chat.check_content(frame.content)
         params = chat.sampling_params(frame)
+        await self._limiter.check(self._identity)  # only a valid message spends the budget
         async with chat.turn(self._owner, self._session_id, content, params) as turn:
             self._turn = turn
             if self._cancel_pending:
@@ -141,11 +153,26 @@ class _Connection:
 
     async def _send_error(self, exc: ServiceError) -> None:
         with contextlib.suppress(*_GONE):
-            await self._send({"type": "error", **exc.body()})
+            await self._send(error_frame(exc))
+
+
+def error_frame(exc: ServiceError) -> dict[str, Any]:
+    """The error frame for exc; a retryable one (429, 503) also says after how many seconds."""
+    frame: dict[str, Any] = {"type": "error", **exc.body()}
+    if "Retry-After" in exc.headers:
+        frame["retry_after"] = int(exc.headers["Retry-After"])
+    return frame
 
 
 @router.websocket("/v1/sessions/{session_id}/stream")
 async def stream(websocket: WebSocket, session_id: str, services: ServicesDep) -> None:
+    settings = services.settings
+    if not websocket_origin_allowed(
+        websocket.headers.get("origin"), websocket.headers.get("host"), settings.ws_allowed_origins
+    ):
+        logger.info("refused a websocket handshake from origin %r", websocket.headers.get("origin"))
+        await websocket.close(code=1008, reason="origin not allowed")  # before accept: HTTP 403
+        return
     await websocket.accept()
     token = bearer_token(websocket.headers.get("authorization")) or websocket.query_params.get("api_key")
     try:
@@ -157,11 +184,12 @@ async def stream(websocket: WebSocket, session_id: str, services: ServicesDep) -
         valid_session_id(session_id)
         await services.chat.get_session(owner, session_id, with_messages=False)
     except StoreUnavailable as exc:
-        await websocket.send_text(json.dumps({"type": "error", **exc.body()}))
+        await websocket.send_text(json.dumps(error_frame(exc)))
         await websocket.close(code=1013, reason="store unavailable")  # 1013: try again later
         return
     except ServiceError as exc:
-        await websocket.send_text(json.dumps({"type": "error", **exc.body()}))
+        await websocket.send_text(json.dumps(error_frame(exc)))
         await websocket.close(code=1008, reason=exc.code)
         return
-    await _Connection(websocket, services.chat, owner, session_id).run()
+    limiter: RateLimiter = websocket.app.state.rate_limiter
+    await _Connection(websocket, services.chat, limiter, owner, session_id).run()
