@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 from fastapi import FastAPI
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
 
 from app.auth import AdminAuth, ApiKeyAuth
 from app.chat import ChatService
@@ -28,13 +30,16 @@ from app.limits import BodySizeLimit
 from app.metrics import Metrics
 from app.ratelimit import RateLimitDep, RateLimiter
 from app.redis_client import RedisTarget, connect_redis
-from app.routes import admin, chat, sessions, stream
+from app.routes import admin, chat, openai, sessions, stream
 from app.security import install_cors
 from app.services import Services
 from app.store import SessionStore
 from model import ChatTokenizer, ReformerLM, load_checkpoint
 
 logger = logging.getLogger(__name__)
+
+# The browser chat page: plain files shipped inside the package (package-data), no build step.
+STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 
 class ModelNotFound(RuntimeError):
@@ -146,5 +151,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(sessions.router, dependencies=[RateLimitDep], responses=SESSION_ERRORS)
     app.include_router(chat.router, dependencies=[RateLimitDep], responses=CHAT_ERRORS)
     app.include_router(stream.router)
+    app.include_router(openai.router, dependencies=[RateLimitDep])
     app.include_router(admin.router, responses=ADMIN_ERRORS)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.add_api_route("/", _chat_page, include_in_schema=False)
     return app
+
+
+async def _chat_page() -> FileResponse:
+    return FileResponse(STATIC_DIR / "index.html")
