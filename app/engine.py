@@ -3,10 +3,17 @@
 The event loop never runs torch: routes submit a GenerationRequest, the engine thread runs it, and each
 text piece travels back through `loop.call_soon_threadsafe` into the request's own asyncio.Queue.
 
-The loop is a step loop over a queue of requests: every pass admits waiting requests up to
-`max_running`, then advances each running request by one step (its prefill, or one decode step),
-round-robin. That is the seam continuous batching will use: a pass will stack the running requests'
-states (DecodeState.stack) and decode them as one batch instead of one after another.
+Continuous batching. The thread runs steps; each step
+1. admits waiting requests, up to `max_running` in flight (beyond that they wait; beyond `max_waiting`
+   more, submit() refuses with 429);
+2. feeds at most `prefill_chunk` prompt tokens, shortest remaining prompt first: a request's new turn,
+   or a whole conversation re-fed after a cache miss. A 64 K-token rebuild therefore takes many steps,
+   and the conversations already streaming get a token at every one of them instead of waiting;
+3. decodes the next token of every streaming request in one `model.decode()` call (app/batching.py),
+   and samples each row with its own parameters and generator (`sample_rows`).
+Requests join the batch when their prompt is fed and leave when their reply ends; neither waits for
+the others. A row's tokens are the ones it would get alone: greedy replies match token for token, and a
+seeded reply does not depend on its batch companions.
 """
 
 from __future__ import annotations
@@ -16,117 +23,50 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 
+from app.batching import DecodeBatch, SlotBatch, SoloBatch
+from app.engine_requests import GenerationHandle, GenerationRequest, GenerationResult, Job
 from app.errors import EngineUnavailable, Overloaded
 from app.metrics import Metrics
 from app.state_cache import StateCache
-from model import DecodeState, FinishReason, ReformerLM, SamplingParams, StopStringMatcher, generate
+from model import DecodeState, FinishReason, ReformerLM, StopStringMatcher, sample_rows
+
+__all__ = ["ChatEngine", "GenerationHandle", "GenerationRequest", "GenerationResult"]
 
 logger = logging.getLogger(__name__)
 
 
-class TextDecoder(Protocol):
-    """Incremental detokenizer (the tokenizer's StreamDecoder): pieces never split a character."""
-
-    def push(self, token_id: int) -> str: ...
-
-    def flush(self) -> str: ...
-
-
-@dataclass
-class GenerationRequest:
-    # The session's cached state, or None to start from an empty one (a rebuild feeds all history).
-    state: DecodeState | None
-    # Tokens the state has not seen yet: stored history from state.length on, then this turn's prompt.
-    feed_ids: list[int]
-    params: SamplingParams
-    decoder: TextDecoder
-    # How many of feed_ids (at the end) are the new prompt, as opposed to re-fed history; for metrics.
-    prompt_tokens: int = 0
-
-
-@dataclass
-class GenerationResult:
-    token_ids: list[int]
-    text: str
-    finish_reason: FinishReason
-    # The advanced state and how many tokens it has seen; None after a model error (it may be half-fed).
-    state: DecodeState | None
-    state_tokens: int
-    error: BaseException | None = None
-
-
-class GenerationHandle:
-    """The asyncio side of one request: text pieces as they come, then the result."""
-
-    def __init__(self) -> None:
-        self._events: asyncio.Queue[str | GenerationResult] = asyncio.Queue()
-        self._cancel = threading.Event()
-        self._result: GenerationResult | None = None
-
-    def cancel(self) -> None:
-        """Stop generating; the engine notices before its next decode step."""
-        self._cancel.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancel.is_set()
-
-    async def pieces(self) -> AsyncIterator[str]:
-        """Non-empty text pieces; they concatenate to the result's text."""
-        while self._result is None:
-            event = await self._events.get()
-            if isinstance(event, GenerationResult):
-                self._result = event
-                return
-            yield event
-
-    async def result(self) -> GenerationResult:
-        """Wait for the end (draining pieces nobody read)."""
-        result = self._result
-        while result is None:
-            event = await self._events.get()
-            if isinstance(event, GenerationResult):
-                self._result = result = event
-        return result
-
-
-@dataclass
-class _Job:
-    """A submitted request, as it waits in the queue."""
-
-    request: GenerationRequest
-    handle: GenerationHandle
-    loop: asyncio.AbstractEventLoop
-    submitted: float
-
-    def post(self, event: str | GenerationResult) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.handle._events.put_nowait, event)
-        except RuntimeError:  # the event loop is closed: the server is gone, nobody is listening
-            logger.debug("dropped an engine event: event loop closed")
-
-
-@dataclass
+@dataclass(eq=False)
 class _Running:
-    """A request the engine is stepping: its state, its step iterator and what it produced so far."""
+    """A request the engine is working on: feeding its prompt, then one row of a decode batch."""
 
-    job: _Job
-    state: DecodeState
-    steps: Iterator[int]
+    job: Job
+    generator: torch.Generator
     stopper: StopStringMatcher
+    fed: int = 0  # how many of feed_ids the state has seen
+    pending: int = -1  # the last generated token, fed at the next decode step
     token_ids: list[int] = field(default_factory=list)
     pieces: list[str] = field(default_factory=list)
     last_token_at: float = 0.0
 
+    @property
+    def request(self) -> GenerationRequest:
+        return self.job.request
+
+    @property
+    def unfed(self) -> int:
+        return len(self.job.request.feed_ids) - self.fed
+
+
+# Why a request ended: a finish reason, and the error when it failed.
+_Ending = tuple[FinishReason, BaseException | None]
+
 
 class ChatEngine:
-    """One thread, one model, a queue of requests, a step loop."""
+    """One thread, one model, a queue of requests, a step loop over a continuous batch."""
 
     def __init__(
         self,
@@ -152,8 +92,11 @@ class ChatEngine:
         self._capacity = max_running + max_waiting
         self._prefill_chunk = prefill_chunk
         self._retry_after = retry_after
-        self._inbox: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._active: list[_Running] = []
+        self._inbox: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        # Requests whose prompt is being fed, each with its own batch-size-1 state until it joins a batch.
+        self._prefilling: dict[_Running, DecodeState] = {}
+        self._batches: list[DecodeBatch[_Running]] = []
+        self._running = 0  # prefilling + decoding
         self._in_flight = 0
         self._count_lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -183,7 +126,7 @@ class ChatEngine:
             self._in_flight += 1
             self._publish_counts()
         handle = GenerationHandle()
-        self._inbox.put(_Job(request, handle, asyncio.get_running_loop(), time.perf_counter()))
+        self._inbox.put(Job(request, handle, asyncio.get_running_loop(), time.perf_counter()))
         return handle
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -197,26 +140,23 @@ class ChatEngine:
             logger.warning("engine thread did not stop within %.0f s", timeout)
         self.cache.clear()
 
-    # ---- engine thread -------------------------------------------------------------------------------
+    # ---- engine thread: the loop ----------------------------------------------------------------------
     def _run(self) -> None:
         with torch.inference_mode():
             while self._admit():
-                for run in list(self._active):
-                    self._step(run)
-            # stop() was called: should_stop is now true for every running request, so each one ends
-            # (as "cancelled") at its next step.
-            while self._active:
-                for run in list(self._active):
-                    self._step(run)
+                self._step()
+            # stop() was called: every request now counts as cancelled and ends at its next step.
+            while self._running:
+                self._step()
         self._drain_inbox()
 
     def _admit(self) -> bool:
-        """Move queued jobs into the running set; block while idle. False once stop() was called."""
-        while len(self._active) < self._max_running:
+        """Start queued jobs up to max_running; block while idle. False once stop() was called."""
+        while self._running < self._max_running:
             try:
-                job = self._inbox.get(block=not self._active)
+                job = self._inbox.get(block=self._running == 0)
             except queue.Empty:
-                return True
+                break
             if job is None or self._stopping.is_set():
                 if job is not None:
                     self._inbox.put(job)
@@ -224,34 +164,134 @@ class ChatEngine:
             self._activate(job)
         return not self._stopping.is_set()
 
-    def _activate(self, job: _Job) -> None:
+    def _activate(self, job: Job) -> None:
         request = job.request
         state = request.state if request.state is not None else self.model.init_state(1)
-        steps = generate(
-            self.model,
-            state,
-            request.feed_ids,
-            request.params,
-            should_stop=lambda: job.handle.cancelled or self._stopping.is_set(),
-            generator=request.params.make_generator(self.device),
-            prefill_chunk=self._prefill_chunk,
+        run = _Running(
+            job,
+            request.params.make_generator(self.device),
+            StopStringMatcher(request.params.stop_strings),
         )
-        self._active.append(_Running(job, state, steps, StopStringMatcher(request.params.stop_strings)))
         self._metrics.queue_time.observe(time.perf_counter() - job.submitted)
+        self._running += 1
         self._publish_counts()
+        if not request.feed_ids:
+            error = ValueError("a generation needs a non-empty prompt: at least the assistant prefix token")
+            self._finish(run, ("cancelled", error), None)
+            return
+        self._prefilling[run] = state
 
-    def _step(self, run: _Running) -> None:
-        """Advance one request by one step: its prefill and first token, or one decode step."""
+    def _step(self) -> None:
+        self._prefill_some()
+        for batch in self._batches:
+            if batch.members:
+                self._decode(batch)
+        self._batches = [b for b in self._batches if b.members or isinstance(b, SlotBatch)]
+
+    def _cancelled(self, run: _Running) -> bool:
+        return run.job.handle.cancelled or self._stopping.is_set()
+
+    # ---- prompts ------------------------------------------------------------------------------------
+    def _prefill_some(self) -> None:
+        """Feed up to prefill_chunk prompt tokens, shortest remaining prompt first (short prompts reach
+        their first token at once; a long rebuild takes the rest of the budget, step after step)."""
+        budget = self._prefill_chunk
+        for run, state in sorted(self._prefilling.items(), key=lambda item: item[0].unfed):
+            if self._cancelled(run):
+                del self._prefilling[run]
+                self._finish(run, ("cancelled", None), state)
+                continue
+            if budget == 0:
+                continue
+            take = min(budget, run.unfed)
+            chunk = run.request.feed_ids[run.fed : run.fed + take]
+            try:
+                ids = torch.tensor([chunk], dtype=torch.long, device=self.device)  # (1, T)
+                logits = self.model.decode(ids, state)[:, -1, :]  # (1, V)
+            except Exception as exc:  # e.g. an id outside the vocabulary: this request fails alone
+                logger.exception("prefill failed")
+                del self._prefilling[run]
+                self._finish(run, ("cancelled", exc), None)
+                continue
+            run.fed += take
+            budget -= take
+            if run.unfed == 0:
+                del self._prefilling[run]
+                self._first_token(run, state, logits)
+
+    def _first_token(self, run: _Running, state: DecodeState, logits: torch.Tensor) -> None:
+        """Sample the reply's first token from the prompt's last logits, then join a decode batch."""
         try:
-            token_id = next(run.steps)
-            text = run.stopper.push(run.job.request.decoder.push(token_id))
-        except StopIteration as stop:
-            self._finish(run, stop.value)
+            pick = sample_rows(logits, [run.request.params], [run.generator], [run.token_ids])[0]
+        except Exception as exc:  # e.g. a logit_bias id outside the vocabulary
+            logger.exception("sampling failed")
+            self._finish(run, ("cancelled", exc), None)
             return
-        except Exception as exc:  # a model (or decoding) error fails this request, never the engine
-            logger.exception("generation failed")
-            self._finish(run, "cancelled", error=exc)
+        ending = self._accept(run, pick)
+        if ending is not None:
+            self._finish(run, ending, state if ending[1] is None else None)
             return
+        run.pending = pick
+        batch = next((b for b in self._batches if b.accepts(state)), None)
+        if batch is None:
+            batch = self._new_batch()
+            self._batches.append(batch)
+        batch.add(run, state)
+
+    def _new_batch(self) -> DecodeBatch[_Running]:
+        if self.model.config.has_full_layers:
+            return SoloBatch(self.model)
+        return SlotBatch(self.model, self._max_running)
+
+    # ---- decode steps -------------------------------------------------------------------------------
+    def _decode(self, batch: DecodeBatch[_Running]) -> None:
+        """One decode step for every row: feed each row's pending token, sample each row's next one."""
+        cancelled = [run for run in batch.members if self._cancelled(run)]
+        if cancelled:  # before the step: their last token stays unfed, as generate() leaves it
+            self._leave(batch, [(run, ("cancelled", None)) for run in cancelled])
+        rows = list(batch.members)
+        if not rows:
+            return
+        try:
+            tokens = torch.tensor([run.pending for run in rows], dtype=torch.long, device=self.device)
+            logits = batch.decode(tokens)  # (B, V)
+            picks = sample_rows(
+                logits,
+                [run.request.params for run in rows],
+                [run.generator for run in rows],
+                [run.token_ids for run in rows],
+            )
+        except Exception as exc:  # the batch's states may be half-updated: every row in it fails
+            logger.exception("decode step failed for %d rows", len(rows))
+            batch.remove(rows)
+            for run in rows:
+                self._finish(run, ("cancelled", exc), None)
+            return
+        ended: list[tuple[_Running, _Ending]] = []
+        for run, pick in zip(rows, picks, strict=True):
+            ending = ("cancelled", None) if self._cancelled(run) else self._accept(run, pick)
+            if ending is None:
+                run.pending = pick
+            else:
+                ended.append((run, ending))
+        if ended:
+            self._leave(batch, ended)
+
+    def _leave(self, batch: DecodeBatch[_Running], ended: list[tuple[_Running, _Ending]]) -> None:
+        states = batch.remove([run for run, _ in ended])
+        for (run, ending), state in zip(ended, states, strict=True):
+            self._finish(run, ending, state if ending[1] is None else None)
+
+    def _accept(self, run: _Running, token_id: int) -> _Ending | None:
+        """Hand a sampled token to the client; how the reply ends with it, or None to go on."""
+        params = run.request.params
+        if token_id in params.stop_token_ids:
+            return ("stop", None)
+        try:
+            text = run.stopper.push(run.request.decoder.push(token_id))
+        except Exception as exc:  # a detokenizer error fails this request, never the engine
+            logger.exception("detokenizing failed")
+            return ("cancelled", exc)
         now = time.perf_counter()
         if run.token_ids:
             self._metrics.inter_token_latency.observe(now - run.last_token_at)
@@ -261,36 +301,40 @@ class ChatEngine:
         run.token_ids.append(token_id)
         self._emit(run, text)
         if run.stopper.stopped:
-            run.steps.close()
-            self._finish(run, "stop")
+            return ("stop", None)
+        if len(run.token_ids) >= params.max_tokens:
+            return ("length", None)
+        return None
 
+    # ---- endings ------------------------------------------------------------------------------------
     def _emit(self, run: _Running, text: str) -> None:
         if text:
             run.pieces.append(text)
             run.job.post(text)
 
-    def _finish(self, run: _Running, reason: FinishReason, error: BaseException | None = None) -> None:
+    def _finish(self, run: _Running, ending: _Ending, state: DecodeState | None) -> None:
+        """Post the result; `state` is the advanced state, or None after an error (it may be half-fed)."""
+        reason, error = ending
         if error is None and not run.stopper.stopped:
-            self._emit(run, run.stopper.push(run.job.request.decoder.flush()) + run.stopper.flush())
-        self._active.remove(run)
-        state = None if error is not None else run.state
+            self._emit(run, run.stopper.push(run.request.decoder.flush()) + run.stopper.flush())
         result = GenerationResult(
             token_ids=run.token_ids,
             text="".join(run.pieces),
             finish_reason=reason,
-            state=state,
-            state_tokens=int(run.state.length[0]) if state is not None else 0,
+            state=state if error is None else None,
+            state_tokens=int(state.length[0]) if state is not None and error is None else 0,
             error=error,
         )
         metrics = self._metrics
         metrics.e2e_latency.observe(time.perf_counter() - run.job.submitted)
         metrics.generation_tokens.inc(len(run.token_ids))
-        metrics.prefill_tokens.inc(len(run.job.request.feed_ids))
-        metrics.prompt_tokens.inc(run.job.request.prompt_tokens)
+        metrics.prefill_tokens.inc(run.fed)
+        metrics.prompt_tokens.inc(run.request.prompt_tokens)
         if error is None:
             metrics.request_success.labels(reason).inc()
         else:
             metrics.request_failure.inc()
+        self._running -= 1
         with self._count_lock:
             self._in_flight -= 1
             self._publish_counts()
@@ -315,6 +359,6 @@ class ChatEngine:
             job.post(result)
 
     def _publish_counts(self) -> None:
-        running = len(self._active)
+        running = self._running
         self._metrics.requests_running.set(running)
         self._metrics.requests_waiting.set(max(0, self._in_flight - running))
