@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -212,6 +212,9 @@ def add_common_args(parser: argparse.ArgumentParser, default_out: str) -> None:
         help="skip (or kill) a case whose resident memory would pass this",
     )
     parser.add_argument("--case-timeout", type=float, default=900.0, help="kill one case after this many s")
+    parser.add_argument(
+        "--replot", action="store_true", help="re-render the tables and PNG from --out; measure nothing"
+    )
     parser.add_argument(
         "--max-step-s",
         type=float,
@@ -406,24 +409,36 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
 Series = dict[str, list[tuple[float, float]]]
 
 
-def plot(path: Path, panels: list[tuple[str, str, Series]], xlabel: str) -> None:
-    """Side-by-side log-log panels (title, y label, name -> points); x is log2 since lengths/depths double."""
+class Panel(NamedTuple):
+    """One plot panel: lines of (x, y) points by subject name."""
+
+    title: str
+    ylabel: str
+    series: Series
+    logy: bool = True
+
+
+def plot(path: Path, panels: list[Panel], xlabel: str) -> None:
+    """Side-by-side panels; x is log2 because lengths and depths double from point to point."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
-    for ax, (title, ylabel, series) in zip(axes[0], panels, strict=True):
-        for name, points in series.items():
+    for ax, panel in zip(axes[0], panels, strict=True):
+        for name, points in panel.series.items():
             if points:
                 xs, ys = zip(*sorted(points), strict=True)
                 ax.plot(xs, ys, marker="o", label=name)
         ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
+        if panel.logy:
+            ax.set_yscale("log")
+        else:
+            ax.set_ylim(bottom=0)
         ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.set_title(title)
+        ax.set_ylabel(panel.ylabel)
+        ax.set_title(panel.title)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

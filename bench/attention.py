@@ -12,14 +12,20 @@ Run from the repository root: ``python -m bench.attention`` (``--quick`` for a s
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from bench import peers
 from bench._common import (
+    GB,
     LOG,
+    Panel,
+    Series,
     add_common_args,
     environment,
     find,
@@ -154,30 +160,26 @@ def tables(rows: list[dict[str, Any]], lengths: list[int], models: list[str], mo
     return "\n\n".join(parts)
 
 
-def plot_rows(rows: list[dict[str, Any]], models: list[str], path: Any) -> None:
-    def series(mode: str, key: str, scale: Any) -> dict[str, list[tuple[float, float]]]:
+def plot_rows(rows: list[dict[str, Any]], models: list[str], path: Path) -> None:
+    def series(mode: str, key: str, scale: Callable[[dict[str, Any]], float]) -> Series:
         return {
             m: [(r["length"], scale(r)) for r in rows if r["model"] == m and r["mode"] == mode and key in r]
             for m in models
         }
 
-    plot(
-        path,
-        [
-            ("training step time", "seconds", series("train", "time_s", lambda r: r["time_s"])),
-            (
-                "training step peak memory",
-                "GB",
-                series("train", "peak_bytes", lambda r: r["peak_bytes"] / 2**30),
-            ),
-            (
-                "forward time per token",
-                "µs/token",
-                series("forward", "time_s", lambda r: r["time_s"] / r["length"] * 1e6),
-            ),
-        ],
-        xlabel="sequence length (tokens)",
-    )
+    panels = [
+        Panel("training step, wall time", "seconds", series("train", "time_s", lambda r: r["time_s"])),
+        Panel("training step, CPU time", "CPU seconds", series("train", "cpu_s", lambda r: r["cpu_s"])),
+        Panel(
+            "training step, peak memory", "GB", series("train", "peak_bytes", lambda r: r["peak_bytes"] / GB)
+        ),
+        Panel(
+            "forward, wall time per token",
+            "µs/token",
+            series("forward", "time_s", lambda r: r["time_s"] / r["length"] * 1e6),
+        ),
+    ]
+    plot(path, panels, xlabel="sequence length (tokens)")
 
 
 def main() -> None:
@@ -192,6 +194,22 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.replot:
+        payload = json.loads(args.out.read_text())
+        rows = payload["rows"]
+    else:
+        payload, rows = run(args)
+    lengths = sorted({r["length"] for r in rows})
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    payload["targets"] = targets(rows)
+    write_json(args.out, payload)
+    plot_rows(rows, models, args.out.with_suffix(".png"))
+    print(tables(rows, lengths, models, modes))
+
+
+def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Measure every (length, mode, model) cell in its own child, lengths ascending, models interleaved."""
     lengths = sorted(args.lengths or (QUICK_LENGTHS if args.quick else DEFAULT_LENGTHS))
     specs = [
         {"model": m, "mode": mode, "length": n, "depth": args.depth, "batch": args.batch, "vocab": args.vocab}
@@ -210,11 +228,7 @@ def main() -> None:
         payload["rows"].append(row)
         write_json(args.out, payload)  # after every case, so a long run can be inspected while it goes
 
-    rows = sweep("bench.attention:measure", specs, "length", sweep_options(args), on_row)
-    payload["targets"] = targets(rows)
-    write_json(args.out, payload)
-    plot_rows(rows, args.models, args.out.with_suffix(".png"))
-    print(tables(rows, lengths, args.models, args.modes))
+    return payload, sweep("bench.attention:measure", specs, "length", sweep_options(args), on_row)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ Run from the repository root: ``python -m bench.decode`` (``--quick`` for a smok
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import statistics
 import time
@@ -27,7 +28,9 @@ from torch import Tensor
 from bench import peers
 from bench._common import (
     LOG,
+    Panel,
     PeakMemory,
+    Series,
     add_common_args,
     environment,
     find,
@@ -245,6 +248,34 @@ def main() -> None:
     parser.add_argument("--prefill-chunk", type=int, default=4096, help="tokens per decode() call in prefill")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.replot:
+        payload = json.loads(args.out.read_text())
+        rows = payload["rows"]
+    else:
+        payload, rows = run(args)
+    histories = sorted({r["history"] for r in rows})
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    payload["targets"] = targets(rows)
+    write_json(args.out, payload)
+
+    def series(key: str, scale: float) -> Series:
+        return {
+            m: [(r["history"], r[key] / scale) for r in rows if r["model"] == m and r.get(key)]
+            for m in models
+        }
+
+    panels = [
+        Panel("time per generated token (wall)", "ms/token", series("ms_per_token", 1.0)),
+        Panel("time per generated token (CPU)", "CPU ms/token", series("cpu_ms_per_token", 1.0)),
+        Panel("prefill throughput", "tokens/s", series("prefill_tok_s", 1.0)),
+        Panel("state per conversation", "MB", series("state_bytes", 2**20)),
+    ]
+    plot(args.out.with_suffix(".png"), panels, xlabel="history (tokens)")
+    print(tables(rows, histories, models))
+
+
+def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One child per (history, subject) cell, histories ascending, subjects interleaved."""
     histories = sorted(args.lengths or (QUICK_HISTORIES if args.quick else DEFAULT_HISTORIES))
     steps = 4 if args.quick else args.steps
     specs = [
@@ -266,35 +297,12 @@ def main() -> None:
     }
 
     def on_row(row: dict[str, Any]) -> None:
-        LOG.info(
-            "%s history=%d: %s",
-            row["model"],
-            row["history"],
-            row.get("skipped") or f"{row['ms_per_token']:.1f} ms/token",
-        )
+        done = row.get("skipped") or f"{row['ms_per_token']:.1f} ms/token"
+        LOG.info("%s history=%d: %s", row["model"], row["history"], done)
         payload["rows"].append(row)
         write_json(args.out, payload)
 
-    rows = sweep("bench.decode:measure", specs, "history", sweep_options(args), on_row)
-    payload["targets"] = targets(rows)
-    write_json(args.out, payload)
-
-    def series(key: str, scale: float) -> dict[str, list[tuple[float, float]]]:
-        return {
-            m: [(r["history"], r[key] / scale) for r in rows if r["model"] == m and r.get(key)]
-            for m in args.models
-        }
-
-    plot(
-        args.out.with_suffix(".png"),
-        [
-            ("time per generated token", "ms/token", series("ms_per_token", 1.0)),
-            ("prefill throughput", "tokens/s", series("prefill_tok_s", 1.0)),
-            ("state per conversation", "MB", series("state_bytes", 2**20)),
-        ],
-        xlabel="history (tokens)",
-    )
-    print(tables(rows, histories, args.models))
+    return payload, sweep("bench.decode:measure", specs, "history", sweep_options(args), on_row)
 
 
 if __name__ == "__main__":

@@ -12,12 +12,16 @@ Run from the repository root: ``python -m bench.depth`` (``--quick`` for a smoke
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from typing import Any
 
 from bench import peers
 from bench._common import (
+    GB,
     LOG,
+    Panel,
+    Series,
     add_common_args,
     environment,
     find,
@@ -71,11 +75,13 @@ def tables(rows: list[dict[str, Any]], depths: list[int], models: list[str], len
         for depth in depths:
             row = find(rows, model=model, depth=depth)
             cells.append(
-                fmt_time(row) if row is None or "skipped" in row else f"{fmt_bytes(row)} / {fmt_time(row)}"
+                fmt_time(row)
+                if row is None or "skipped" in row
+                else f"{fmt_bytes(row)} / {fmt_time(row)} / {fmt_time(row, 'cpu_s')}"
             )
         body.append([model, *cells])
     parts = [
-        f"**training step at L = {length}: peak memory / time of that (cold) step, by depth**\n\n"
+        f"**training step at L = {length}: peak memory / wall / CPU time of that (cold) step, by depth**\n\n"
         + markdown_table(["model", *[f"{d} layers" for d in depths]], body)
     ]
     goal_rows = []
@@ -110,6 +116,34 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.replot:
+        payload = json.loads(args.out.read_text())
+        rows = payload["rows"]
+    else:
+        payload, rows = run(args)
+    depths = sorted({r["depth"] for r in rows})
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    length = payload["length"]
+    low, high = (2, 8) if {2, 8} <= set(depths) else (depths[0], depths[-1])
+    payload["targets"] = growth_ratios(rows, low, high)
+    write_json(args.out, payload)
+
+    def series(key: str, scale: float) -> Series:
+        return {
+            m: [(r["depth"], r[key] / scale) for r in rows if r["model"] == m and key in r] for m in models
+        }
+
+    panels = [
+        # Linear y: memory grows linearly with depth, and the slope is the point.
+        Panel(f"training step peak memory (L={length})", "GB", series("peak_bytes", GB), logy=False),
+        Panel(f"training step CPU time (L={length}, cold step)", "CPU seconds", series("cpu_s", 1.0)),
+    ]
+    plot(args.out.with_suffix(".png"), panels, xlabel="layers")
+    print(tables(rows, depths, models, length))
+
+
+def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One training step per (depth, model) cell, each in its own child, depths ascending."""
     depths = sorted(args.depths or (QUICK_DEPTHS if args.quick else DEFAULT_DEPTHS))
     length = args.length or (1024 if args.quick else 4096)
     specs = [
@@ -130,26 +164,7 @@ def main() -> None:
         write_json(args.out, payload)
 
     # Memory is what this measures, from the cold step; timing it alone (reps=0) keeps depth 16 affordable.
-    rows = sweep("bench.attention:measure", specs, "depth", sweep_options(args), on_row, reps=0)
-    low, high = (2, 8) if {2, 8} <= set(depths) else (depths[0], depths[-1])
-    payload["targets"] = growth_ratios(rows, low, high)
-    write_json(args.out, payload)
-
-    def series(key: str, scale: float) -> dict[str, list[tuple[float, float]]]:
-        return {
-            m: [(r["depth"], r[key] / scale) for r in rows if r["model"] == m and key in r]
-            for m in args.models
-        }
-
-    plot(
-        args.out.with_suffix(".png"),
-        [
-            (f"training step peak memory (L={length})", "GB", series("peak_bytes", 2**30)),
-            (f"training step time (L={length})", "seconds", series("time_s", 1.0)),
-        ],
-        xlabel="layers",
-    )
-    print(tables(rows, depths, args.models, length))
+    return payload, sweep("bench.attention:measure", specs, "depth", sweep_options(args), on_row, reps=0)
 
 
 if __name__ == "__main__":
