@@ -1,10 +1,13 @@
-"""`reformer-chat`: the console script. `serve` runs the service; `chat` (a terminal client) is not yet."""
+"""`reformer-chat`: the console script. `serve` runs the service; `chat` is the terminal client."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Sequence
+
+from app.client import add_client_arguments
+from app.client import run as run_client
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,10 +40,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     serve_parser = commands.add_parser("serve", help="run the chat service (settings from env and .env)")
     add_serve_arguments(serve_parser)
     serve_parser.set_defaults(handler=serve)
-    chat_parser = commands.add_parser("chat", help="terminal chat client (not yet)")
-    chat_parser.set_defaults(
-        handler=lambda _: sys.exit("reformer-chat chat: not yet; use the REST API or websocket")
-    )
+    chat_parser = commands.add_parser("chat", help="chat with a running server from this terminal")
+    add_client_arguments(chat_parser)
+    chat_parser.set_defaults(handler=lambda args: sys.exit(run_client(args)))
     args = parser.parse_args(argv)
     args.handler(args)
 

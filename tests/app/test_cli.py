@@ -1,4 +1,5 @@
-"""The command lines: `python -m app` fails clearly without a checkpoint; `reformer-chat chat` is not yet."""
+"""The command lines: `python -m app` fails clearly without a checkpoint; `reformer-chat chat` without a
+server says so."""
 
 from __future__ import annotations
 
@@ -37,9 +38,11 @@ def test_invalid_settings_are_reported_before_anything_starts(tmp_path: Path) ->
     assert "max_new_tokens" in result.stderr
 
 
-def test_chat_subcommand_is_a_placeholder(tmp_path: Path) -> None:
-    result = run([sys.executable, "-m", "app.cli", "chat"], tmp_path)
-    assert result.returncode != 0 and "not yet" in result.stderr
+def test_chat_subcommand_reports_an_unreachable_server(tmp_path: Path) -> None:
+    # Port 9 (discard) on loopback: nothing listens there. tests/e2e/test_client.py drives a live one.
+    result = run([sys.executable, "-m", "app.cli", "chat", "--url", "http://127.0.0.1:9"], tmp_path)
+    assert result.returncode == 1
+    assert "cannot reach the server at http://127.0.0.1:9" in result.stderr
 
 
 def test_serve_script_runs_the_app(tmp_path: Path) -> None:
