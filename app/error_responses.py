@@ -30,6 +30,7 @@ _RETRY_AFTER = {
 }
 
 _DESCRIPTIONS = {
+    400: "The body could not be read as JSON text, e.g. it is not UTF-8 (`http_error`).",
     401: "Missing or invalid credentials (`unauthorized`).",
     404: "No such session for this API key (`session_not_found`); another key's session looks the same.",
     409: "The session is already generating a reply (`session_busy`).",
@@ -52,6 +53,6 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return out
 
 
-SESSION_ERRORS = error_responses(401, 404, 413, 422, 429, 503)
-CHAT_ERRORS = error_responses(401, 404, 409, 413, 422, 429, 500, 503)
+SESSION_ERRORS = error_responses(400, 401, 404, 413, 422, 429, 503)
+CHAT_ERRORS = error_responses(400, 401, 404, 409, 413, 422, 429, 500, 503)
 ADMIN_ERRORS = error_responses(401, 413, 503)
