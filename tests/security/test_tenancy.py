@@ -1,0 +1,161 @@
+"""Tenants are kept apart and secrets are kept out of storage and logs.
+
+Another key's session answers exactly like a missing one and its attempts never reach the owner's
+cached decode state (the cache is keyed by owner and session, and ownership is checked first). API keys
+never reach Redis or stay in memory in the clear; session ids carry at least 128 random bits; and no
+message content is ever logged at INFO or above, whatever path a turn takes.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import re
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from app.auth import ApiKeyAuth
+from app.metrics import Metrics
+from app.state_cache import StateCache
+from app.store import new_session_id
+from model.reformer import ReformerLM
+from model.tokenizer import ChatTokenizer
+from tests.app.support import (
+    TEST_REDIS_URL,
+    frame,
+    make_settings,
+    open_ws,
+    quiet_params,
+    require_redis,
+    send,
+    serving,
+)
+
+SECRET_A, SECRET_B = "alpha-secret-key-0123", "bravo-secret-key-4567"
+KEY_A = {"Authorization": f"Bearer {SECRET_A}"}
+KEY_B = {"Authorization": f"Bearer {SECRET_B}"}
+ADMIN = {"Authorization": "Bearer admin"}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint: Path) -> Iterator[tuple[str, str]]:
+    """(base URL, key prefix) of a server with two tenants."""
+    require_redis()
+    settings = make_settings(
+        tiny_checkpoint, api_keys=[SECRET_A, SECRET_B], admin_token="admin", rate_limit_per_minute=0
+    )
+    with serving(settings) as url:
+        yield url, settings.redis_key_prefix
+
+
+def counter(url: str, name: str) -> float:
+    text = httpx.get(f"{url}/admin/metrics", headers=ADMIN).text
+    match = re.search(rf"^{name} (\S+)$", text, flags=re.MULTILINE)
+    assert match, f"{name} missing"
+    return float(match.group(1))
+
+
+def test_another_tenant_never_reaches_the_owners_cached_state(server: tuple[str, str]) -> None:
+    url, _ = server
+    with httpx.Client(base_url=url, timeout=None) as http:
+        session_id = http.post("/v1/sessions", headers=KEY_A).json()["session_id"]
+        path = f"/v1/sessions/{session_id}/messages"
+        assert http.post(path, json={"content": "mine", **quiet_params()}, headers=KEY_A).status_code == 200
+        queries = counter(url, "reformer_chat_state_cache_queries_total")
+        hits = counter(url, "reformer_chat_state_cache_hits_total")
+
+        for method, target, body in [
+            ("POST", path, {"content": "let me continue your chat", **quiet_params()}),
+            ("GET", f"/v1/sessions/{session_id}", None),
+            ("DELETE", f"/v1/sessions/{session_id}", None),
+        ]:
+            response = http.request(method, target, json=body, headers=KEY_B)
+            assert response.status_code == 404 and response.json()["error"]["code"] == "session_not_found"
+        with open_ws(url, session_id, KEY_B) as ws:
+            assert frame(ws)["error"]["code"] == "session_not_found"
+        # The intruder never got as far as the cache ...
+        assert counter(url, "reformer_chat_state_cache_queries_total") == queries
+        # ... and the owner's state is still there for the owner's next turn.
+        again = http.post(path, json={"content": "still mine", **quiet_params()}, headers=KEY_A)
+        assert again.status_code == 200
+        assert counter(url, "reformer_chat_state_cache_hits_total") == hits + 1
+        assert len(http.get(f"/v1/sessions/{session_id}", headers=KEY_A).json()["messages"]) == 4
+
+
+def test_the_state_cache_is_keyed_by_owner_and_session(tiny_model: tuple[ReformerLM, ChatTokenizer]) -> None:
+    model, _ = tiny_model
+    cache = StateCache(budget_bytes=1 << 30, metrics=Metrics())
+    cache.put(("key-owner", "session-1"), model.init_state(1), tokens=0)
+    assert cache.take(("key-intruder", "session-1")) is None
+    assert ("key-owner", "session-1") in cache
+    assert cache.take(("key-owner", "session-1")) is not None
+
+
+def test_api_keys_never_reach_redis_or_memory_in_the_clear(server: tuple[str, str]) -> None:
+    url, prefix = server
+    session_id = httpx.post(f"{url}/v1/sessions", headers=KEY_A).json()["session_id"]
+    httpx.post(
+        f"{url}/v1/sessions/{session_id}/messages", json={"content": "hi", **quiet_params()}, headers=KEY_A
+    )
+    stored = b""
+    with redis.Redis.from_url(TEST_REDIS_URL) as r:
+        for key in r.scan_iter(match=f"{prefix}*"):
+            kind = r.type(key)
+            if kind == b"hash":
+                stored += b"".join(k + v for k, v in r.hgetall(key).items())
+            elif kind == b"list":
+                stored += b"".join(r.lrange(key, 0, -1))
+            elif kind == b"string":
+                stored += r.get(key) or b""
+            stored += key
+        owner = r.hget(f"{prefix}chat:{{{session_id}}}:meta", "owner")
+    assert stored and b"alpha-secret" not in stored and b"bravo-secret" not in stored
+    assert owner == b"key-" + hashlib.sha256(SECRET_A.encode()).hexdigest()[:32].encode()
+    auth = ApiKeyAuth([SECRET_A, SECRET_B])
+    assert SECRET_A not in repr(vars(auth)) and SECRET_A.encode() not in b"".join(auth._digests)
+
+
+def test_session_ids_carry_at_least_128_random_bits(server: tuple[str, str]) -> None:
+    url, _ = server
+    from_api = [httpx.post(f"{url}/v1/sessions", headers=KEY_A).json()["session_id"] for _ in range(20)]
+    ids = from_api + [new_session_id() for _ in range(20_000)]
+    assert len(set(ids)) == len(ids)
+    for session_id in from_api:
+        assert re.fullmatch(r"[A-Za-z0-9_-]+", session_id)
+        raw = base64.urlsafe_b64decode(session_id + "=" * (-len(session_id) % 4))
+        assert len(raw) * 8 >= 128
+
+
+def test_message_content_is_never_logged_at_info_or_above(
+    server: tuple[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    url, prefix = server
+    marker = f"private-{uuid.uuid4().hex}"
+    caplog.set_level(logging.DEBUG)
+    with httpx.Client(base_url=url, headers=KEY_A, timeout=None) as http:
+        session_id = http.post("/v1/sessions").json()["session_id"]
+        path = f"/v1/sessions/{session_id}/messages"
+        assert http.post(path, json={"content": f"{marker} over REST", **quiet_params()}).status_code == 200
+        with open_ws(url, session_id, KEY_A) as ws:
+            send(ws, type="message", content=f"{marker} over the websocket", **quiet_params())
+            while frame(ws)["type"] != "done":
+                pass
+            send(ws, type="message", content=f"{marker} with a bad field", temperature=-1)
+            assert frame(ws)["type"] == "error"
+        too_long = http.post(path, json={"content": marker * 100})
+        assert too_long.status_code == 422 and marker not in too_long.text
+        lock = f"{prefix}chat:{{{session_id}}}:lock"
+        with redis.Redis.from_url(TEST_REDIS_URL) as r:
+            r.set(lock, "another-replica", px=60_000)
+            assert http.post(path, json={"content": f"{marker} while busy"}).status_code == 409
+            r.delete(lock)
+    loud = [record for record in caplog.records if record.levelno >= logging.INFO]
+    for record in loud:
+        assert marker not in record.getMessage(), record.getMessage()
+        assert marker not in (record.exc_text or "")
