@@ -57,6 +57,7 @@ class Settings(BaseSettings):
 
     state_cache_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
     prefill_chunk_tokens: int = Field(default=512, ge=1)
+    batch_prompt_tokens: int = Field(default=32, ge=0)
     max_running_requests: int = Field(default=16, ge=1)
     max_waiting_requests: int = Field(default=32, ge=0)
     retry_after_seconds: int = Field(default=2, ge=1)

@@ -6,13 +6,19 @@ text piece travels back through `loop.call_soon_threadsafe` into the request's o
 Continuous batching. The thread runs steps; each step
 1. admits waiting requests, up to `max_running` in flight (beyond that they wait; beyond `max_waiting`
    more, submit() refuses with 429);
-2. feeds at most `prefill_chunk` prompt tokens, shortest remaining prompt first: a request's new turn,
-   or a whole conversation re-fed after a cache miss. A 64 K-token rebuild therefore takes many steps,
-   and the conversations already streaming get a token at every one of them instead of waiting;
-3. decodes the next token of every streaming request in one `model.decode()` call (app/batching.py),
-   and samples each row with its own parameters and generator (`sample_rows`).
+2. feeds at most `prefill_chunk` prompt tokens, shortest remaining prompt first, in separate prefill
+   calls: a request's new turn, or a whole conversation re-fed after a cache miss. A 64 K-token rebuild
+   therefore takes many steps, and the conversations already streaming get a token at every one of them
+   instead of waiting;
+3. decodes the next token of every row in one `model.decode()` call (app/batching.py), and samples each
+   generating row with its own parameters and generator (`sample_rows`).
 Requests join the batch when their prompt is fed and leave when their reply ends; neither waits for
-the others. A row's tokens are the ones it would get alone: greedy replies match token for token, and a
+the others. A short prompt (at most `batch_prompt_tokens`) that arrives while other replies stream skips
+step 2: it joins the batch at once and feeds one prompt token per step alongside the others. A separate
+prefill call costs about as much as the state's capacity (the cached entries are sorted together with
+the new tokens) whatever the prompt's length, while a row of a decode step costs a few milliseconds, so
+under load this keeps every short turn inside the batch; alone, the one prefill call is faster.
+A row's tokens are the ones it would get alone: greedy replies match token for token, and a
 seeded reply does not depend on its batch companions.
 """
 
@@ -78,11 +84,12 @@ class ChatEngine:
         max_waiting: int,
         prefill_chunk: int,
         retry_after: int,
+        batch_prompt_tokens: int = 32,
     ) -> None:
-        if max_running < 1 or max_waiting < 0 or prefill_chunk < 1:
+        if max_running < 1 or max_waiting < 0 or prefill_chunk < 1 or batch_prompt_tokens < 0:
             raise ValueError(
-                f"need max_running >= 1, max_waiting >= 0, prefill_chunk >= 1; got {max_running}, "
-                f"{max_waiting}, {prefill_chunk}"
+                "need max_running >= 1, max_waiting >= 0, prefill_chunk >= 1, batch_prompt_tokens >= 0; "
+                f"got {max_running}, {max_waiting}, {prefill_chunk}, {batch_prompt_tokens}"
             )
         self.model = model
         self.device = next(model.parameters()).device
@@ -91,6 +98,8 @@ class ChatEngine:
         self._max_running = max_running
         self._capacity = max_running + max_waiting
         self._prefill_chunk = prefill_chunk
+        # Stepping a prompt through a batch needs fixed-size states (lsh/local): "full" rows run alone.
+        self._batch_prompt_tokens = 0 if model.config.has_full_layers else batch_prompt_tokens
         self._retry_after = retry_after
         self._inbox: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         # Requests whose prompt is being fed, each with its own batch-size-1 state until it joins a batch.
@@ -175,11 +184,23 @@ class ChatEngine:
         self._metrics.queue_time.observe(time.perf_counter() - job.submitted)
         self._running += 1
         self._publish_counts()
-        if not request.feed_ids:
-            error = ValueError("a generation needs a non-empty prompt: at least the assistant prefix token")
+        error = self._refusal(request)
+        if error is not None:
             self._finish(run, ("cancelled", error), None)
-            return
-        self._prefilling[run] = state
+        elif len(request.feed_ids) <= self._batch_prompt_tokens and any(b.members for b in self._batches):
+            self._join(run, state)  # its prompt goes through the decode steps, one token per step
+        else:
+            self._prefilling[run] = state
+
+    def _refusal(self, request: GenerationRequest) -> ValueError | None:
+        """What would make this request fail inside a batched call (and so fail its companions too)."""
+        if not request.feed_ids:
+            return ValueError("a generation needs a non-empty prompt: at least the assistant prefix token")
+        vocab = self.model.config.vocab_size
+        outside = [i for i in (*request.feed_ids, *request.params.logit_bias) if not 0 <= i < vocab]
+        if outside:
+            return ValueError(f"token ids {sorted(set(outside))[:5]} are outside the vocabulary [0, {vocab})")
+        return None
 
     def _step(self) -> None:
         self._prefill_some()
@@ -232,6 +253,9 @@ class ChatEngine:
             self._finish(run, ending, state if ending[1] is None else None)
             return
         run.pending = pick
+        self._join(run, state)
+
+    def _join(self, run: _Running, state: DecodeState) -> None:
         batch = next((b for b in self._batches if b.accepts(state)), None)
         if batch is None:
             batch = self._new_batch()
@@ -245,21 +269,25 @@ class ChatEngine:
 
     # ---- decode steps -------------------------------------------------------------------------------
     def _decode(self, batch: DecodeBatch[_Running]) -> None:
-        """One decode step for every row: feed each row's pending token, sample each row's next one."""
+        """One decode step: each row feeds its next prompt token or its last generated one; the rows whose
+        prompt is now fed sample their next token."""
         cancelled = [run for run in batch.members if self._cancelled(run)]
         if cancelled:  # before the step: their last token stays unfed, as generate() leaves it
             self._leave(batch, [(run, ("cancelled", None)) for run in cancelled])
         rows = list(batch.members)
         if not rows:
             return
+        inputs = [run.request.feed_ids[run.fed] if run.unfed else run.pending for run in rows]
         try:
-            tokens = torch.tensor([run.pending for run in rows], dtype=torch.long, device=self.device)
-            logits = batch.decode(tokens)  # (B, V)
+            logits = batch.decode(torch.tensor(inputs, dtype=torch.long, device=self.device))  # (B, V)
+            for run in rows:
+                run.fed += 1 if run.unfed else 0
+            ready = [i for i, run in enumerate(rows) if not run.unfed]  # generating rows
             picks = sample_rows(
-                logits,
-                [run.request.params for run in rows],
-                [run.generator for run in rows],
-                [run.token_ids for run in rows],
+                logits[ready],
+                [rows[i].request.params for i in ready],
+                [rows[i].generator for i in ready],
+                [rows[i].token_ids for i in ready],
             )
         except Exception as exc:  # the batch's states may be half-updated: every row in it fails
             logger.exception("decode step failed for %d rows", len(rows))
@@ -268,7 +296,8 @@ class ChatEngine:
                 self._finish(run, ("cancelled", exc), None)
             return
         ended: list[tuple[_Running, _Ending]] = []
-        for run, pick in zip(rows, picks, strict=True):
+        for i, pick in zip(ready, picks, strict=True):
+            run = rows[i]
             ending = ("cancelled", None) if self._cancelled(run) else self._accept(run, pick)
             if ending is None:
                 run.pending = pick

@@ -24,7 +24,7 @@ from app.chat import ChatService
 from app.config import Settings
 from app.embedded_redis import EmbeddedRedis
 from app.engine import ChatEngine
-from app.error_responses import ADMIN_ERRORS, CHAT_ERRORS, SESSION_ERRORS
+from app.error_responses import ADMIN_ERRORS, CHAT_ERRORS, OPENAI_ERRORS, SESSION_ERRORS
 from app.errors import StoreUnavailable, install_error_handlers
 from app.limits import BodySizeLimit
 from app.metrics import Metrics
@@ -98,6 +98,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             max_running=settings.max_running_requests,
             max_waiting=settings.max_waiting_requests,
             prefill_chunk=settings.prefill_chunk_tokens,
+            batch_prompt_tokens=settings.batch_prompt_tokens,
             retry_after=settings.retry_after_seconds,
         )
         engine.start()
@@ -151,7 +152,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(sessions.router, dependencies=[RateLimitDep], responses=SESSION_ERRORS)
     app.include_router(chat.router, dependencies=[RateLimitDep], responses=CHAT_ERRORS)
     app.include_router(stream.router)
-    app.include_router(openai.router, dependencies=[RateLimitDep])
+    app.include_router(openai.router, dependencies=[RateLimitDep], responses=OPENAI_ERRORS)
     app.include_router(admin.router, responses=ADMIN_ERRORS)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_api_route("/", _chat_page, include_in_schema=False)

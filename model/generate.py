@@ -81,50 +81,6 @@ class SamplingParams:
         return generator
 
 
-def _apply_repetition_penalty(logits: Tensor, history_ids: Sequence[Sequence[int]], penalty: float) -> Tensor:
-    """CTRL's rule: a seen token's positive logit is divided by the penalty, a negative one multiplied.
-
-    Dividing a negative logit would *raise* its probability, hence the two cases. Each token is penalised
-    once however often it appeared, as in CTRL and HF.
-    """
-    for row, ids in enumerate(history_ids):
-        if not ids:
-            continue
-        index = torch.tensor(sorted(set(ids)), device=logits.device, dtype=torch.long)
-        seen = logits[row, index]
-        logits[row, index] = torch.where(seen > 0, seen / penalty, seen * penalty)
-    return logits
-
-
-def _apply_logit_bias(logits: Tensor, logit_bias: Mapping[int, float]) -> None:
-    """Add the bias to every row of logits (B, V) in place; ids outside the vocabulary are refused."""
-    vocab = logits.shape[-1]
-    outside = [i for i in logit_bias if not 0 <= i < vocab]
-    if outside:
-        raise ValueError(f"logit_bias token ids {outside} are outside the vocabulary [0, {vocab})")
-    index = torch.tensor(list(logit_bias), device=logits.device, dtype=torch.long)
-    bias = torch.tensor(list(logit_bias.values()), device=logits.device, dtype=logits.dtype)
-    logits[:, index] += bias
-
-
-def _filter_top_k(logits: Tensor, k: int) -> Tensor:
-    if k <= 0 or k >= logits.shape[-1]:
-        return logits
-    kth = torch.topk(logits, k, dim=-1).values[:, -1:]  # (B, 1): the k-th largest logit per row
-    return logits.masked_fill(logits < kth, float("-inf"))
-
-
-def _filter_top_p(logits: Tensor, p: float) -> Tensor:
-    if p >= 1.0:
-        return logits
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
-    probs = sorted_logits.softmax(dim=-1)
-    # Drop a token when the tokens ranked above it already reach p; the top token is always kept.
-    drop_sorted = probs.cumsum(dim=-1) - probs >= p  # (B, V)
-    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
-
-
 def sample(
     logits: Tensor,
     params: SamplingParams,
@@ -136,20 +92,14 @@ def sample(
     Order: logit bias, repetition penalty over `history_ids` (per row: the reply generated so far; the
     prompt is deliberately left out so that role and end-of-turn tokens, which every prompt contains, are
     never penalised and replies still end), then temperature, top-k and top-p. Temperature 0 is argmax.
+    The rows draw from `generator` one after another.
     """
-    logits = logits.float().clone()  # (B, V)
-    if params.logit_bias:
-        _apply_logit_bias(logits, params.logit_bias)
-    if params.repetition_penalty != 1.0 and history_ids is not None:
-        if len(history_ids) != logits.shape[0]:
-            raise ValueError(f"history_ids has {len(history_ids)} rows but logits has {logits.shape[0]}")
-        logits = _apply_repetition_penalty(logits, history_ids, params.repetition_penalty)
-    if params.temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = _filter_top_k(logits / params.temperature, params.top_k)
-    logits = _filter_top_p(logits, params.top_p)
-    probs = logits.softmax(dim=-1)  # (B, V)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)  # (B,)
+    rows = logits.shape[0]
+    if history_ids is not None and len(history_ids) != rows:
+        raise ValueError(f"history_ids has {len(history_ids)} rows but logits has {rows}")
+    histories = history_ids if history_ids is not None else [()] * rows
+    picks = sample_rows(logits, [params] * rows, [generator] * rows, histories)
+    return torch.tensor(picks, dtype=torch.long, device=logits.device)
 
 
 def sample_rows(
@@ -160,10 +110,11 @@ def sample_rows(
 ) -> list[int]:
     """One token per row of logits (B, V), each row with its own parameters, generator and reply so far.
 
-    The rows are different conversations that share one decode step of the continuous-batching engine.
-    Row i gets exactly the token `sample(logits[i:i+1], params[i], generators[i], [history_ids[i]])`
-    would give, so a seeded request draws the same reply whoever its batch companions are. The filters
-    run on all rows at once; only the draw is per row, because each row owns its generator.
+    The rows are different conversations that share one decode step of the continuous-batching engine,
+    so a row's token must depend only on its own logits, parameters and generator: a seeded request
+    then draws the same reply whoever its batch companions are. The work runs on all rows at once; each
+    row's generator gives one uniform number, and the token is where it falls in the row's cumulative
+    distribution (inverse-CDF sampling: one vectorised search instead of a multinomial call per row).
     """
     rows = logits.shape[0]
     if not len(params) == len(generators) == len(history_ids) == rows:
@@ -172,50 +123,89 @@ def sample_rows(
             f"{len(generators)} generators, {len(history_ids)} histories"
         )
     logits = logits.float().clone()  # (B, V)
-    for row, (row_params, ids) in enumerate(zip(params, history_ids, strict=True)):
-        if row_params.logit_bias:
-            _apply_logit_bias(logits[row : row + 1], row_params.logit_bias)
-        if row_params.repetition_penalty != 1.0 and ids:
-            _apply_repetition_penalty(logits[row : row + 1], [ids], row_params.repetition_penalty)
+    _apply_logit_bias(logits, [p.logit_bias for p in params])
+    _apply_repetition_penalty(logits, [p.repetition_penalty for p in params], history_ids)
     picks: list[int] = logits.argmax(dim=-1).tolist()  # the greedy rows' answer
-    sampled = [row for row, p in enumerate(params) if p.temperature > 0]
-    if not sampled:
-        return picks
-    device = logits.device
-    index = torch.tensor(sampled, device=device)
-    temperature = torch.tensor([params[r].temperature for r in sampled], device=device)[:, None]  # (S, 1)
-    scaled = _filter_top_k_rows(logits[index] / temperature, [params[r].top_k for r in sampled])  # (S, V)
-    scaled = _filter_top_p_rows(scaled, [params[r].top_p for r in sampled])
-    probs = scaled.softmax(dim=-1)
-    for i, row in enumerate(sampled):
-        draw = torch.multinomial(probs[i : i + 1], num_samples=1, generator=generators[row])  # (1, 1)
-        picks[row] = int(draw.item())
+    # Rows with a top-k filter need only their k best tokens (topk is far cheaper than a full sort).
+    sampled = [r for r, p in enumerate(params) if p.temperature > 0]
+    cut = [r for r in sampled if 0 < params[r].top_k < logits.shape[-1]]
+    whole = [r for r in sampled if not 0 < params[r].top_k < logits.shape[-1]]
+    for group in (cut, whole):
+        if group:
+            tokens = _draw(logits, group, [params[r] for r in group], [generators[r] for r in group])
+            for row, token in zip(group, tokens, strict=True):
+                picks[row] = token
     return picks
 
 
-def _filter_top_k_rows(logits: Tensor, ks: Sequence[int]) -> Tensor:
-    """_filter_top_k with its own k per row of logits (S, V); k = 0 (or >= V) leaves a row alone."""
+def _apply_logit_bias(logits: Tensor, biases: Sequence[Mapping[int, float]]) -> None:
+    """Add each row's bias to its logits (B, V) in place; ids outside the vocabulary are refused."""
     vocab = logits.shape[-1]
-    on = [0 < k < vocab for k in ks]
-    if not any(on):
-        return logits
-    top = torch.topk(logits, max(k for k, o in zip(ks, on, strict=True) if o), dim=-1).values  # (S, K)
-    index = torch.tensor([k - 1 if o else 0 for k, o in zip(ks, on, strict=True)], device=logits.device)
-    kth = top.gather(-1, index[:, None])  # (S, 1): each row's k-th largest logit
-    kth = torch.where(torch.tensor(on, device=logits.device)[:, None], kth, float("-inf"))
-    return logits.masked_fill(logits < kth, float("-inf"))
+    outside = sorted({i for bias in biases for i in bias if not 0 <= i < vocab})
+    if outside:
+        raise ValueError(f"logit_bias token ids {outside} are outside the vocabulary [0, {vocab})")
+    rows = [row for row, bias in enumerate(biases) for _ in bias]
+    if rows:
+        device = logits.device
+        index = (
+            torch.tensor(rows, device=device),
+            torch.tensor([i for b in biases for i in b], device=device),
+        )
+        values = torch.tensor([v for b in biases for v in b.values()], device=device, dtype=logits.dtype)
+        logits.index_put_(index, values, accumulate=True)
 
 
-def _filter_top_p_rows(logits: Tensor, ps: Sequence[float]) -> Tensor:
-    """_filter_top_p with its own p per row of logits (S, V); p = 1 leaves a row alone."""
-    if all(p >= 1.0 for p in ps):
-        return logits
-    p = torch.tensor(ps, device=logits.device, dtype=logits.dtype)[:, None]  # (S, 1)
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (S, V)
-    probs = sorted_logits.softmax(dim=-1)
-    drop_sorted = (probs.cumsum(dim=-1) - probs >= p) & (p < 1.0)  # (S, V)
-    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
+def _apply_repetition_penalty(
+    logits: Tensor, penalties: Sequence[float], history_ids: Sequence[Sequence[int]]
+) -> None:
+    """CTRL's rule, in place: a seen token's positive logit is divided by the penalty, a negative one
+    multiplied (dividing a negative logit would *raise* its probability). Each token is penalised once
+    however often it appeared, as in CTRL and HF."""
+    rows, tokens, factors = [], [], []
+    for row, (penalty, ids) in enumerate(zip(penalties, history_ids, strict=True)):
+        if penalty != 1.0 and ids:
+            seen = sorted(set(ids))
+            rows += [row] * len(seen)
+            tokens += seen
+            factors += [penalty] * len(seen)
+    if rows:
+        device = logits.device
+        index = (torch.tensor(rows, device=device), torch.tensor(tokens, device=device))
+        penalty = torch.tensor(factors, device=device, dtype=logits.dtype)
+        seen_logits = logits[index]
+        logits[index] = torch.where(seen_logits > 0, seen_logits / penalty, seen_logits * penalty)
+
+
+def _draw(
+    logits: Tensor, rows: list[int], params: list[SamplingParams], generators: list[torch.Generator | None]
+) -> list[int]:
+    """Temperature, top-k and top-p for these rows of logits (B, V), then one inverse-CDF draw per row.
+
+    Works on the rows' candidates sorted best first: all tokens, or (when every row here has a top-k) the
+    best max(k) of them. Top-k keeps a row's first k candidates; top-p keeps the smallest prefix whose
+    probability reaches p (a candidate is dropped when those ranked above it already reach p).
+    """
+    device = logits.device
+    temperature = torch.tensor([p.temperature for p in params], device=device)[:, None]  # (S, 1)
+    scaled = logits[torch.tensor(rows, device=device)] / temperature  # (S, V)
+    vocab = scaled.shape[-1]
+    ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    if max(ks) < vocab:
+        values, order = torch.topk(scaled, max(ks), dim=-1)  # (S, K), best first
+    else:
+        values, order = torch.sort(scaled, dim=-1, descending=True)  # (S, V)
+    rank = torch.arange(values.shape[-1], device=device)
+    values = values.masked_fill(rank >= torch.tensor(ks, device=device)[:, None], float("-inf"))
+    top_p = torch.tensor([p.top_p for p in params], device=device, dtype=values.dtype)[:, None]  # (S, 1)
+    probs = values.softmax(dim=-1)
+    drop = (probs.cumsum(dim=-1) - probs >= top_p) & (top_p < 1.0)
+    cdf = values.masked_fill(drop, float("-inf")).softmax(dim=-1).cumsum(dim=-1)  # (S, K)
+    total = cdf[:, -1:]
+    uniform = torch.cat([torch.rand(1, generator=g, device=device) for g in generators])[:, None]  # (S, 1)
+    # Strictly below the total, so the search always lands on a token with probability > 0.
+    target = torch.minimum(uniform * total, torch.nextafter(total, torch.zeros_like(total)))
+    position = torch.searchsorted(cdf, target, right=True)  # (S, 1): first candidate whose cdf > target
+    return order.gather(-1, position).squeeze(-1).tolist()
 
 
 def prefill(

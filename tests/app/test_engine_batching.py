@@ -41,25 +41,32 @@ class Order:
 
 
 def test_batched_greedy_replies_equal_unbatched_for_different_history_lengths(tiny_model: Model) -> None:
+    """Sessions of 4 to 160 unseen tokens join a batch that is already streaming: the short ones step
+    their prompt through the batch, the long ones get prefill calls; every reply equals its lone one."""
     _, tokenizer = tiny_model
     # Past the tiny model's LSH capacity (32) and local window (8), and short of both.
     feeds = [history(tokenizer, n, seed=n) for n in (4, 29, 77, 160)]
 
-    def greedy(feed: list[int]) -> GenerationRequest:
-        return request(tokenizer, feed, max_tokens=16, logit_bias=banned(tokenizer))
+    def greedy(feed: list[int], max_tokens: int = 16) -> GenerationRequest:
+        return request(tokenizer, feed, max_tokens=max_tokens, logit_bias=banned(tokenizer))
 
     async def body(engine: ChatEngine) -> None:
         alone = [(await collect(engine, greedy(f)))[1] for f in feeds]
         order = Order()
+        anchor = engine.submit(greedy(history(tokenizer, 6, seed=0), max_tokens=10_000))
+        async for _ in anchor.pieces():
+            break  # streaming: the batch has a row when the others arrive
         together = await asyncio.gather(
             *(order.collect(str(i), engine.submit(greedy(f))) for i, f in enumerate(feeds))
         )
+        anchor.cancel()
+        assert (await anchor.result()).finish_reason == "cancelled"
         assert [r.token_ids for r in together] == [r.token_ids for r in alone]
         assert [r.state_tokens for r in together] == [r.state_tokens for r in alone]
         assert all(len(r.token_ids) == 16 for r in together)
         assert order.interleaved("0", "3") and order.interleaved("3", "0"), "the requests never overlapped"
 
-    run_engine(tiny_model, body, prefill_chunk=32)
+    run_engine(tiny_model, body, prefill_chunk=32, batch_prompt_tokens=32, max_running=5)
 
 
 def test_a_seeded_reply_does_not_depend_on_its_batch_companions(tiny_model: Model) -> None:
