@@ -1,8 +1,9 @@
 """The error responses each router can give, for the OpenAPI schema.
 
-Every 4xx/5xx is `{"error": {"code", "message"}}` (app/errors.py); declaring that per status lets a client
-generator, and the schema fuzz test (tests/fuzz), hold the server to it. It also replaces FastAPI's
-default 422 schema (`{"detail": [...]}`), which this service never sends.
+Every 4xx/5xx is `{"error": {"code", "message"}}` (app/errors.py), or OpenAI's error shape on the
+OpenAI-compatible routes (app/openai_errors.py); declaring that per status lets a client generator, and
+the schema fuzz test (tests/fuzz), hold the server to it. It also replaces FastAPI's default 422 schema
+(`{"detail": [...]}`), which this service never sends.
 """
 
 from __future__ import annotations
@@ -21,6 +22,17 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIErrorBody(BaseModel):
+    error: OpenAIErrorDetail
+
+
 _RETRY_AFTER = {
     "Retry-After": {
         "description": "Seconds to wait before retrying.",
@@ -30,9 +42,11 @@ _RETRY_AFTER = {
 }
 
 _DESCRIPTIONS = {
-    400: "The body could not be read as JSON text, e.g. it is not UTF-8 (`http_error`).",
+    400: "The body could not be read as JSON text, e.g. it is not UTF-8 (`http_error`); on the OpenAI "
+    "routes, any invalid request (`invalid_request_error`).",
     401: "Missing or invalid credentials (`unauthorized`).",
-    404: "No such session for this API key (`session_not_found`); another key's session looks the same.",
+    404: "No such session for this API key (`session_not_found`; another key's session looks the same), "
+    "or no such model (`model_not_found`).",
     409: "The session is already generating a reply (`session_busy`).",
     413: "The request body is over the server's limit (`payload_too_large`).",
     422: "The request is malformed or out of range (`invalid_request`); nothing was stored.",
@@ -42,11 +56,11 @@ _DESCRIPTIONS = {
 }
 
 
-def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+def error_responses(*statuses: int, model: type[BaseModel] = ErrorBody) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses` entries for these statuses, each with the error shape."""
     out: dict[int | str, dict[str, Any]] = {}
     for status in statuses:
-        entry: dict[str, Any] = {"model": ErrorBody, "description": _DESCRIPTIONS[status]}
+        entry: dict[str, Any] = {"model": model, "description": _DESCRIPTIONS[status]}
         if status in (429, 503):
             entry["headers"] = _RETRY_AFTER
         out[status] = entry
@@ -56,3 +70,4 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 SESSION_ERRORS = error_responses(400, 401, 404, 413, 422, 429, 503)
 CHAT_ERRORS = error_responses(400, 401, 404, 409, 413, 422, 429, 500, 503)
 ADMIN_ERRORS = error_responses(401, 413, 503)
+OPENAI_ERRORS = error_responses(400, 401, 404, 409, 413, 429, 500, 503, model=OpenAIErrorBody)
