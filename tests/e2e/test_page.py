@@ -1,0 +1,267 @@
+"""The chat page at `/` in a real browser: Playwright driving headless Chromium (Debian's `chromium`).
+
+Send a message and watch it stream, reload and find the history, stop a long reply, switch and delete
+conversations, see model and user text rendered as text, the API-key field, and a clear message when the
+server goes away. Skipped, with the reason, where Chromium or Playwright is missing.
+
+Waits have no time limit (Playwright's default timeout is turned off): pytest-timeout bounds a hung test.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from model.tokenizer import ChatTokenizer
+from tests.app.support import endless_params, make_settings, require_redis, serving
+
+playwright = pytest.importorskip(
+    "playwright.sync_api", reason="the playwright package is not installed: pip install -e '.[dev]'"
+)
+from playwright.sync_api import Browser, BrowserContext, Page, WebSocketRoute  # noqa: E402
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+LAUNCH_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+KEY = "page-key"
+# The page sends no max_tokens: replies run to the server's MAX_NEW_TOKENS (or end-of-turn). Short for
+# most tests; the Stop test's own server allows endless replies.
+SHORT_REPLIES = 24
+MAX_TOKENS = 4000
+PRESET_KEY = f"localStorage.setItem('reformer-chat.apiKey', {json.dumps(json.dumps(KEY))})"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if CHROMIUM is None:
+        pytest.skip(
+            "no chromium on PATH: install Debian's `chromium` package (scripts/test.sh does, as root)"
+        )
+    with playwright.sync_playwright() as driver:
+        launched = driver.chromium.launch(executable_path=CHROMIUM, headless=True, args=LAUNCH_ARGS)
+        yield launched
+        launched.close()
+
+
+@pytest.fixture(scope="module")
+def base_url(tiny_checkpoint: Path) -> Iterator[str]:
+    require_redis()
+    with serving(make_settings(tiny_checkpoint, api_keys=[KEY], max_new_tokens=SHORT_REPLIES)) as url:
+        yield url
+
+
+@pytest.fixture
+def context(browser: Browser) -> Iterator[BrowserContext]:
+    """A fresh profile (empty localStorage) per test."""
+    ctx = browser.new_context(viewport={"width": 1100, "height": 720})
+    yield ctx
+    ctx.close()
+
+
+def open_page(context: BrowserContext, url: str) -> Page:
+    opened = context.new_page()
+    opened.set_default_timeout(0)
+    opened.goto(url)
+    return opened
+
+
+@pytest.fixture
+def page(context: BrowserContext, base_url: str) -> Page:
+    """The page of a user who has saved the API key."""
+    context.add_init_script(PRESET_KEY)
+    return open_page(context, base_url)
+
+
+@pytest.fixture
+def http(base_url: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {KEY}"}, timeout=None) as client:
+        yield client
+
+
+def send(page: Page, text: str) -> None:
+    page.fill("#input", text)
+    page.press("#input", "Enter")
+
+
+def finished_reply(page: Page, index: int = -1) -> dict[str, str]:
+    """Wait until the reply at `index` has its finish reason; its text and reason."""
+    reply = page.locator(".message.assistant").nth(index)
+    reply.locator(".reason").wait_for()
+    return {
+        "text": reply.locator(".bubble").text_content() or "",
+        "reason": reply.locator(".reason").inner_text(),
+    }
+
+
+def current_session(page: Page) -> str:
+    return json.loads(page.evaluate("localStorage.getItem('reformer-chat.current')"))
+
+
+def stored(http: httpx.Client, session_id: str) -> dict[str, Any]:
+    return http.get(f"/v1/sessions/{session_id}").json()
+
+
+def test_a_reply_streams_and_the_history_survives_a_reload(page: Page, http: httpx.Client) -> None:
+    tokens: list[str] = []
+    page.on(
+        "websocket",
+        lambda ws: ws.on(
+            "framereceived",
+            lambda payload: (
+                tokens.append(json.loads(payload)["text"]) if json.loads(payload)["type"] == "token" else None
+            ),
+        ),
+    )
+    page.locator("#connection").wait_for()
+    send(page, "Hello, page!")
+    page.locator(".message.assistant.streaming").wait_for()  # the reply is on the page while it streams
+    reply = finished_reply(page)
+    assert len(tokens) > 1 and reply["text"] == "".join(tokens)  # streamed piece by piece
+    session_id = current_session(page)
+    record = stored(http, session_id)
+    assert [m["content"] for m in record["messages"]] == ["Hello, page!", reply["text"]]
+    assert reply["reason"] == record["messages"][1]["finish_reason"]
+    assert page.inner_text("#context-size") == f"context: {record['context_tokens']} tokens"
+    assert page.inner_text("#conversations .open") == "Hello, page!"  # titled by its first message
+    assert page.inner_text("#model-name").startswith("model: ")
+
+    page.reload()
+    page.locator(".message.assistant .reason").wait_for()
+    bubbles = page.locator(".message .bubble").all_text_contents()
+    assert bubbles == ["Hello, page!", reply["text"]]
+    assert page.inner_text("#chat-title") == "Hello, page!"
+    assert page.inner_text("#context-size") == f"context: {record['context_tokens']} tokens"
+
+
+def test_stop_cancels_a_long_reply(
+    context: BrowserContext, tiny_checkpoint: Path, tokenizer: ChatTokenizer
+) -> None:
+    endless = endless_params(tokenizer, MAX_TOKENS)
+
+    def ban_end_of_turn(ws: WebSocketRoute) -> None:
+        # The page's own frames, plus logit_bias against every token that could end the reply.
+        server = ws.connect_to_server()
+
+        def forward(message: str | bytes) -> None:
+            frame = json.loads(message)
+            if frame.get("type") == "message":
+                frame.update(endless)
+            server.send(json.dumps(frame))
+
+        ws.on_message(forward)
+
+    require_redis()
+    with serving(make_settings(tiny_checkpoint, max_new_tokens=MAX_TOKENS)) as url:
+        page = context.new_page()
+        page.set_default_timeout(0)
+        page.route_web_socket(re.compile(r".*/stream(\?.*)?$"), ban_end_of_turn)
+        page.goto(url)
+        send(page, "Tell me everything.")
+        page.wait_for_function(
+            "() => document.querySelector('.message.assistant.streaming .bubble')?.textContent.length > 5"
+        )
+        assert page.locator("#stop").is_visible() and page.locator("#send").is_hidden()
+        page.click("#stop")
+        reply = finished_reply(page)
+        assert reply["reason"] == "cancelled"
+        assert page.locator("#send").is_visible() and page.locator("#stop").is_hidden()
+        with httpx.Client(base_url=url, timeout=None) as http:
+            record = stored(http, current_session(page))
+    assert record["messages"][1]["finish_reason"] == "cancelled"
+    assert record["messages"][1]["content"] == reply["text"]
+
+
+def test_new_chat_switching_and_delete(page: Page, http: httpx.Client) -> None:
+    send(page, "First chat")
+    finished_reply(page)
+    first = current_session(page)
+    page.click("#new-chat")
+    page.wait_for_function("() => document.querySelectorAll('#conversations li').length === 2")
+    assert page.locator(".message").count() == 0
+    send(page, "Second chat")
+    finished_reply(page)
+    second = current_session(page)
+    assert second != first
+    assert page.locator("#conversations .open").all_inner_texts() == ["Second chat", "First chat"]
+
+    page.locator(f'#conversations li[data-id="{first}"] .open').click()
+    page.wait_for_function("() => document.querySelector('.message .bubble')?.textContent === 'First chat'")
+    assert page.inner_text("#chat-title") == "First chat"
+
+    page.locator(f'#conversations li[data-id="{first}"] .delete').click()
+    page.wait_for_function("() => document.querySelectorAll('#conversations li').length === 1")
+    assert http.get(f"/v1/sessions/{first}").status_code == 404
+    assert page.locator(".message").count() == 0
+    assert json.loads(page.evaluate("localStorage.getItem('reformer-chat.conversations')")) == [
+        {"id": second, "title": "Second chat"}
+    ]
+
+
+def test_text_is_never_parsed_as_html(page: Page) -> None:
+    markup = '<img src=x onerror="window.injected=1"><b>bold</b>'
+    send(page, markup)
+    finished_reply(page)
+    page.reload()
+    finished_reply(page)
+    assert page.locator(".message.user .bubble").text_content() == markup
+    assert page.locator(".messages img, .messages b, #conversations img").count() == 0
+    assert page.evaluate("window.injected") is None
+    assert page.inner_text("#conversations .open") == markup[:39] + "…"
+
+
+def test_the_api_key_field_appears_when_the_server_asks(context: BrowserContext, base_url: str) -> None:
+    page = open_page(context, base_url)
+    page.locator("#key-form").wait_for()
+    assert "requires an API key" in page.inner_text("#banner")
+    page.fill("#api-key", "wrong-key")
+    page.click("#key-form button")
+    page.wait_for_function("() => document.querySelector('#banner').textContent.includes('refused')")
+    assert page.locator("#key-form").is_visible()
+    page.fill("#api-key", KEY)
+    page.click("#key-form button")
+    page.wait_for_function("() => document.querySelector('#model-name').textContent !== 'model: …'")
+    assert page.locator("#banner").is_hidden()
+    send(page, "Now with a key")
+    assert finished_reply(page)["reason"] in ("stop", "length")
+
+
+def test_a_server_that_goes_away_is_reported(context: BrowserContext, tiny_checkpoint: Path) -> None:
+    require_redis()
+    page = context.new_page()
+    page.set_default_timeout(0)
+    with serving(make_settings(tiny_checkpoint, max_new_tokens=8)) as url:
+        page.goto(url)
+        send(page, "Are you there?")
+        finished_reply(page)
+        assert page.locator("#key-form").is_hidden()  # an open server asks for no key
+        page.wait_for_function("() => document.querySelector('#connection').dataset.state === 'open'")
+    # The server has stopped.
+    page.wait_for_function("() => document.querySelector('#connection').dataset.state === 'lost'")
+    assert "Lost the connection to the server" in page.inner_text("#banner")
+    assert page.inner_text("#connection") == "reconnecting…"
+    send(page, "Hello?")
+    page.wait_for_function("() => document.querySelector('#banner').textContent.includes('Not connected')")
+    assert page.input_value("#input") == "Hello?"  # kept for a retry
+    page.click("#new-chat")
+    page.wait_for_function("() => document.querySelector('#banner').textContent.includes('Cannot reach')")
+
+
+def test_a_screenshot_of_the_page(page: Page, tmp_path: Path) -> None:
+    send(page, "Hi! What can you do?")
+    finished_reply(page)
+    shot = page.screenshot(path=str(tmp_path / "chat-page.png"))
+    assert shot.startswith(b"\x89PNG")
