@@ -11,4 +11,11 @@ if ! .venv/bin/python -c "import redis; redis.Redis(port=6379, socket_timeout=1)
         echo "note: no Redis at 127.0.0.1:6379 and no redis-server binary; REDIS_URL tests will be skipped" >&2
     fi
 fi
+# The chat page's browser tests drive Debian's chromium (never a downloaded browser); as root, install it
+# once when missing. Without it those tests are skipped, and say why.
+if ! command -v chromium >/dev/null && [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+    echo "installing chromium for the browser tests (apt-get)" >&2
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+        >/dev/null || echo "note: could not install chromium; the browser tests will be skipped" >&2
+fi
 exec .venv/bin/python -m pytest "$@"
