@@ -31,7 +31,7 @@ from app.metrics import Metrics
 from app.ratelimit import RateLimitDep, RateLimiter
 from app.redis_client import RedisTarget, connect_redis
 from app.routes import admin, chat, openai, sessions, stream
-from app.security import install_cors
+from app.security import install_cors, redact_secrets_in_server_logs
 from app.services import Services
 from app.store import SessionStore
 from model import ChatTokenizer, ReformerLM, load_checkpoint
@@ -117,6 +117,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             started_at=time.monotonic(),
         )
         _warn_about_open_access(settings)
+        redact_secrets_in_server_logs()  # the websocket's ?api_key= would otherwise reach the log
         try:
             await store.ping()
         except StoreUnavailable:

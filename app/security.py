@@ -7,10 +7,15 @@ requests (JSON bodies, an Authorization header) at all. Websockets have no CORS,
 `Origin` header is checked instead: the server's own origin and WS_ALLOWED_ORIGINS pass, anything else
 is refused before the socket is accepted (HTTP 403). A handshake without `Origin` is not from a browser
 page (browsers always send one), so it is let through to the API-key check like any other client.
+
+Browsers cannot set headers on a websocket, so the chat page sends its key as `?api_key=`; uvicorn logs
+every handshake's path with its query at INFO, so its log records are redacted before they are written.
 """
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
@@ -19,6 +24,10 @@ from fastapi.middleware.cors import CORSMiddleware
 
 ANY_ORIGIN = "*"
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+# Query parameters that carry a credential, in a logged path such as /v1/sessions/x/stream?api_key=...
+_QUERY_SECRET = re.compile(r"([?&](?:api_key|access_token|token)=)[^&\s\"']*", re.IGNORECASE)
+# The loggers uvicorn writes request paths to: handshakes and errors, and the access log.
+_SERVER_LOGGERS = ("uvicorn.error", "uvicorn.access")
 
 
 def normalize_origin(raw: str) -> str:
@@ -86,3 +95,29 @@ def install_cors(app: FastAPI, origins: Sequence[str]) -> None:
         expose_headers=["Retry-After"],
         max_age=600,
     )
+
+
+def _redact(value: object) -> object:
+    return _QUERY_SECRET.sub(r"\1[redacted]", value) if isinstance(value, str) else value
+
+
+class RedactQuerySecrets(logging.Filter):
+    """Replaces credentials in query strings of a record's message and arguments with `[redacted]`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = _redact(record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(_redact(arg) for arg in record.args)
+        return True
+
+
+def redact_secrets_in_server_logs() -> None:
+    """Install RedactQuerySecrets on uvicorn's loggers (once, however many apps a process builds).
+
+    On the loggers themselves, not on handlers: uvicorn replaces its handlers when it configures
+    logging, and a filter on a logger sees exactly the records logged to it.
+    """
+    for name in _SERVER_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(existing, RedactQuerySecrets) for existing in logger.filters):
+            logger.addFilter(RedactQuerySecrets())

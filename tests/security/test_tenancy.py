@@ -2,8 +2,9 @@
 
 Another key's session answers exactly like a missing one and its attempts never reach the owner's
 cached decode state (the cache is keyed by owner and session, and ownership is checked first). API keys
-never reach Redis or stay in memory in the clear; session ids carry at least 128 random bits; and no
-message content is ever logged at INFO or above, whatever path a turn takes.
+never reach Redis or stay in memory in the clear, nor the server log when a browser sends one in the
+websocket URL; session ids carry at least 128 random bits; and no message content is ever logged at INFO
+or above, whatever path a turn takes.
 """
 
 from __future__ import annotations
@@ -159,3 +160,36 @@ def test_message_content_is_never_logged_at_info_or_above(
     for record in loud:
         assert marker not in record.getMessage(), record.getMessage()
         assert marker not in (record.exc_text or "")
+
+
+class Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def test_a_key_in_the_websocket_url_never_reaches_the_server_log(tiny_checkpoint: Path) -> None:
+    """Browsers cannot set headers on a websocket, so the page sends `?api_key=`: uvicorn logs that URL
+    at INFO, and the record must arrive redacted."""
+    require_redis()
+    collect = Collect()
+    loggers = [logging.getLogger(name) for name in ("uvicorn.error", "uvicorn.access")]
+    settings = make_settings(tiny_checkpoint, api_keys=[SECRET_A], log_level="info", rate_limit_per_minute=0)
+    with serving(settings) as url:
+        for logger in loggers:
+            logger.addHandler(collect)
+        try:
+            session_id = httpx.post(f"{url}/v1/sessions", headers=KEY_A).json()["session_id"]
+            with open_ws(url, session_id, query=f"?api_key={SECRET_A}") as ws:
+                send(ws, type="message", content="hello", **quiet_params())
+                while frame(ws)["type"] != "done":
+                    pass
+        finally:
+            for logger in loggers:
+                logger.removeHandler(collect)
+    handshakes = [line for line in collect.lines if "WebSocket" in line]
+    assert handshakes and all("api_key=[redacted]" in line for line in handshakes), handshakes
+    assert not [line for line in collect.lines if SECRET_A in line]
