@@ -211,7 +211,12 @@ def add_common_args(parser: argparse.ArgumentParser, default_out: str) -> None:
         default=16.0,
         help="skip (or kill) a case whose resident memory would pass this",
     )
-    parser.add_argument("--case-timeout", type=float, default=900.0, help="kill one case after this many s")
+    parser.add_argument(
+        "--case-timeout", type=float, default=3600.0, help="kill one case after this many wall-clock seconds"
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="keep the measured cells already in --out, measure the rest"
+    )
     parser.add_argument(
         "--replot", action="store_true", help="re-render the tables and PNG from --out; measure nothing"
     )
@@ -219,7 +224,7 @@ def add_common_args(parser: argparse.ArgumentParser, default_out: str) -> None:
         "--max-step-s",
         type=float,
         default=240.0,
-        help="skip a case when its predicted single step exceeds this many seconds",
+        help="skip a case whose predicted single step needs more than this many CPU seconds",
     )
 
 
@@ -241,6 +246,7 @@ def sweep(
     opts: SweepOptions,
     on_row: Callable[[dict[str, Any]], None],
     reps: int | None = None,
+    done: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Run each spec in its own child, in order, skipping what earlier sizes show cannot fit.
 
@@ -248,21 +254,31 @@ def sweep(
     results predict the next one's step time and peak memory (power law), and a series that was skipped
     or failed at a smaller size is not retried at a bigger one. ``reps`` fixes the timed repetitions after
     the cold step (0: time only the cold step) instead of planning them from the predicted step time.
+    ``done`` holds rows of an earlier run of the same command (--resume): a measured cell is kept as it is,
+    a skipped one is judged again under the current limits.
     """
     # SIGTERM (kill PID) -> SystemExit, so run_isolated's cleanup stops the running child too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     rows: list[dict[str, Any]] = []
     for spec in specs:
+        earlier = [
+            r for r in done or [] if "skipped" not in r and all(r.get(k) == v for k, v in spec.items())
+        ]
+        if earlier and earlier[0].get("device") == opts.device and earlier[0].get("threads") == opts.threads:
+            rows.append(earlier[0])
+            on_row(earlier[0])
+            continue
         series = [r for r in rows if (r["model"], r.get("mode")) == (spec["model"], spec.get("mode"))]
         x = spec[x_key]
-        t_pred = extrapolate([(r[x_key], r["time_s"]) for r in series if "time_s" in r], x)
+        # Predict CPU seconds (the work), not wall time: on a shared machine wall time is mostly others' load.
+        t_pred = extrapolate([(r[x_key], r["cpu_s"]) for r in series if "cpu_s" in r], x)
         m_pred = extrapolate([(r[x_key], r["peak_bytes"]) for r in series if "peak_bytes" in r], x)
         reason = None
         failed = [r for r in series if "skipped" in r]
         if failed:
             reason = f"not run: skipped at {x_key} {failed[0][x_key]}"
         elif t_pred is not None and t_pred > opts.max_step_s:
-            reason = f"predicted ~{t_pred:.0f} s per step > {opts.max_step_s:.0f} s limit"
+            reason = f"predicted ~{t_pred:.0f} CPU s per step > {opts.max_step_s:.0f} s limit"
         elif m_pred is not None and m_pred > opts.mem_limit_bytes:
             reason = f"predicted ~{m_pred / GB:.1f} GB > {opts.mem_limit_bytes / GB:.0f} GB limit"
         full = dict(
@@ -280,6 +296,17 @@ def sweep(
         rows.append(row)
         on_row(row)
     return rows
+
+
+def start_payload(args: argparse.Namespace, benchmark: str, **extra: Any) -> tuple[dict[str, Any], list]:
+    """The JSON document a run fills, and the rows to keep from an earlier run when --resume is given."""
+    env = environment(args.device, args.threads)
+    if args.resume and args.out.exists():
+        old = json.loads(args.out.read_text())
+        payload = {**old, "rows": []}
+        payload.setdefault("resumes", []).append(env)  # when and how the missing cells were measured
+        return payload, old["rows"]
+    return {"benchmark": benchmark, **extra, "environment": env, "rows": []}, []
 
 
 def find(rows: list[dict[str, Any]], **match: Any) -> dict[str, Any] | None:

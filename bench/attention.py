@@ -27,7 +27,6 @@ from bench._common import (
     Panel,
     Series,
     add_common_args,
-    environment,
     find,
     fmt_bytes,
     fmt_time,
@@ -36,6 +35,7 @@ from bench._common import (
     measure_step,
     plot,
     setup_child,
+    start_payload,
     sweep,
     sweep_options,
     target,
@@ -217,18 +217,14 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, Any]]]
         for mode in args.modes
         for m in args.models
     ]
-    payload: dict[str, Any] = {
-        "benchmark": "attention",
-        "environment": environment(args.device, args.threads),
-        "rows": [],
-    }
+    payload, done = start_payload(args, "attention")
 
     def on_row(row: dict[str, Any]) -> None:
         LOG.info("%s %s L=%d: %s %s", row["model"], row["mode"], row["length"], fmt_time(row), fmt_bytes(row))
         payload["rows"].append(row)
         write_json(args.out, payload)  # after every case, so a long run can be inspected while it goes
 
-    return payload, sweep("bench.attention:measure", specs, "length", sweep_options(args), on_row)
+    return payload, sweep("bench.attention:measure", specs, "length", sweep_options(args), on_row, done=done)
 
 
 if __name__ == "__main__":

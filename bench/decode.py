@@ -32,7 +32,6 @@ from bench._common import (
     PeakMemory,
     Series,
     add_common_args,
-    environment,
     find,
     fmt_bytes,
     kilo,
@@ -40,6 +39,7 @@ from bench._common import (
     measure_step,
     plot,
     setup_child,
+    start_payload,
     sweep,
     sweep_options,
     sync,
@@ -90,17 +90,18 @@ def _decode_ours(spec: dict[str, Any], history: Tensor, device: torch.device) ->
     with torch.no_grad():
         model.decode(history[:, :WARMUP_PREFILL], model.init_state(1))  # first-call costs out of the timing
         meter.start()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         for chunk in history.split(spec["prefill_chunk"], dim=1):  # (1, <=chunk)
             logits = model.decode(chunk, state)
         sync(device)
-        prefill_s = time.perf_counter() - start
+        prefill_s, prefill_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
         peak = meter.peak()
         times, cpu_times = _time_steps(
             lambda tok: model.decode(tok, state), logits[:, -1:].argmax(-1), spec["steps"], device
         )
     return {
         "prefill_s": prefill_s,
+        "prefill_cpu_s": prefill_cpu_s,
         "prefill_peak_bytes": peak,
         "step_times_s": times,
         "step_cpu_s": cpu_times,
@@ -119,10 +120,10 @@ def _decode_hf(spec: dict[str, Any], history: Tensor, device: torch.device) -> d
     with torch.no_grad():
         model(input_ids=history[:, :WARMUP_PREFILL], use_cache=True)  # first-call costs out of the timing
         meter.start()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         out = model(input_ids=history, use_cache=True)
         sync(device)
-        prefill_s = time.perf_counter() - start
+        prefill_s, prefill_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
         peak = meter.peak()
         cache = {"past": out.past_buckets_states}
 
@@ -134,6 +135,7 @@ def _decode_hf(spec: dict[str, Any], history: Tensor, device: torch.device) -> d
         times, cpu_times = _time_steps(step, out.logits[:, -1:].argmax(-1), spec["steps"], device)
     return {
         "prefill_s": prefill_s,
+        "prefill_cpu_s": prefill_cpu_s,
         "prefill_peak_bytes": peak,
         "step_times_s": times,
         "step_cpu_s": cpu_times,
@@ -152,6 +154,7 @@ def _recompute(spec: dict[str, Any], history: Tensor, device: torch.device) -> d
     result = measure_step(step, device, spec["reps"])
     return {
         "prefill_s": None,
+        "prefill_cpu_s": None,
         "prefill_peak_bytes": result["peak_bytes"],
         "step_times_s": result["times_s"] or [result["cold_s"]],
         "step_cpu_s": [result["cpu_s"]],
@@ -177,8 +180,10 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         "ms_per_token": ms,
         "cpu_ms_per_token": cpu_ms,
         "prefill_tok_s": spec["history"] / prefill_s if prefill_s else None,
+        "prefill_cpu_tok_s": spec["history"] / result["prefill_cpu_s"] if prefill_s else None,
         # The costliest single piece of work, which the sweep extrapolates to skip what cannot finish.
         "time_s": prefill_s if prefill_s else ms / 1000,
+        "cpu_s": result["prefill_cpu_s"] if prefill_s else cpu_ms / 1000,
     }
 
 
@@ -221,7 +226,11 @@ def tables(rows: list[dict[str, Any]], histories: list[int], models: list[str]) 
             "ms_per_token",
             lambda r: f"{r['ms_per_token']:.1f} / {r['cpu_ms_per_token']:.1f}",
         ),
-        ("prefill tokens/s", "prefill_tok_s", lambda r: f"{r['prefill_tok_s']:.0f}"),
+        (
+            "prefill tokens per second: wall / CPU",
+            "prefill_tok_s",
+            lambda r: f"{r['prefill_tok_s']:.0f} / {r.get('prefill_cpu_tok_s') or 0:.0f}",
+        ),
         ("state held per conversation", "state_bytes", lambda r: fmt_bytes(r, "state_bytes")),
     )
     parts = []
@@ -290,11 +299,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, Any]]]
         for h in histories
         for m in args.models
     ]
-    payload: dict[str, Any] = {
-        "benchmark": "decode",
-        "environment": environment(args.device, args.threads),
-        "rows": [],
-    }
+    payload, done = start_payload(args, "decode")
 
     def on_row(row: dict[str, Any]) -> None:
         done = row.get("skipped") or f"{row['ms_per_token']:.1f} ms/token"
@@ -302,7 +307,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, Any]]]
         payload["rows"].append(row)
         write_json(args.out, payload)
 
-    return payload, sweep("bench.decode:measure", specs, "history", sweep_options(args), on_row)
+    return payload, sweep("bench.decode:measure", specs, "history", sweep_options(args), on_row, done=done)
 
 
 if __name__ == "__main__":

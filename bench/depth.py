@@ -23,12 +23,12 @@ from bench._common import (
     Panel,
     Series,
     add_common_args,
-    environment,
     find,
     fmt_bytes,
     fmt_time,
     markdown_table,
     plot,
+    start_payload,
     sweep,
     sweep_options,
     write_json,
@@ -151,12 +151,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, Any]]]
         for d in depths
         for m in args.models
     ]
-    payload: dict[str, Any] = {
-        "benchmark": "depth",
-        "length": length,
-        "environment": environment(args.device, args.threads),
-        "rows": [],
-    }
+    payload, done = start_payload(args, "depth", length=length)
 
     def on_row(row: dict[str, Any]) -> None:
         LOG.info("%s depth=%d: %s %s", row["model"], row["depth"], fmt_bytes(row), fmt_time(row))
@@ -164,7 +159,9 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, Any]]]
         write_json(args.out, payload)
 
     # Memory is what this measures, from the cold step; timing it alone (reps=0) keeps depth 16 affordable.
-    return payload, sweep("bench.attention:measure", specs, "depth", sweep_options(args), on_row, reps=0)
+    return payload, sweep(
+        "bench.attention:measure", specs, "depth", sweep_options(args), on_row, reps=0, done=done
+    )
 
 
 if __name__ == "__main__":
