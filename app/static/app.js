@@ -38,8 +38,17 @@
   let reconnectDelay = 1000;
   let connectionLost = false;
   let busy = false; // a message is sent and its reply not finished
+  let sending = false; // send() is waiting for a new chat or the connection
   let pending = null; // the user's message node until the server starts replying
   let streaming = null; // the assistant message node being streamed
+  // Conversation changes (new chat, a click in the list) run one after another, and send() waits for
+  // the last one: a message typed while a new chat is being created goes to that chat, not the old one.
+  let switching = Promise.resolve();
+  const queueSwitch = (change) => {
+    const run = switching.then(change);
+    switching = run.catch(() => {});
+    return run;
+  };
 
   class ApiError extends Error {
     constructor(status, code, message) {
@@ -178,7 +187,7 @@
       open.className = "open";
       open.textContent = conversation.title || "New chat";
       open.title = conversation.title || "New chat";
-      open.addEventListener("click", () => selectConversation(conversation.id));
+      open.addEventListener("click", () => queueSwitch(() => selectConversation(conversation.id)));
       const remove = document.createElement("button");
       remove.type = "button";
       remove.className = "delete";
@@ -240,7 +249,11 @@
     if (currentId === id) connect(id);
   }
 
-  async function newChat() {
+  function newChat() {
+    return queueSwitch(createChat);
+  }
+
+  async function createChat() {
     clearError();
     try {
       const session = await api("POST", "/v1/sessions");
@@ -374,8 +387,18 @@
   // --- composer -----------------------------------------------------------------------------------
   async function send() {
     const text = el.input.value;
-    if (!text.trim() || busy) return;
+    if (!text.trim() || busy || sending) return;
+    sending = true; // a second Enter while this one waits for a connection is ignored
+    try {
+      await deliver(text);
+    } finally {
+      sending = false;
+    }
+  }
+
+  async function deliver(text) {
     clearError();
+    await switching;
     if (!currentId && !(await newChat())) return;
     try {
       if (!socketReady) throw new Error("no socket");
@@ -389,6 +412,10 @@
       conversation.title = titleFrom(text);
       el.title.textContent = conversation.title;
       saveConversations();
+    }
+    if (!socket || socket.readyState !== WebSocket.OPEN) {
+      showError("Not connected to the server: the message was not sent. Reconnecting…");
+      return;
     }
     el.input.value = "";
     pending = addMessage("user", text);
@@ -418,7 +445,9 @@
       handleError(err);
       if (err.status === 401) return;
     }
-    if (currentId && conversations.some((c) => c.id === currentId)) await selectConversation(currentId);
+    if (currentId && conversations.some((c) => c.id === currentId)) {
+      await queueSwitch(() => selectConversation(currentId));
+    }
   }
 
   el.composer.addEventListener("submit", (event) => {

@@ -12,15 +12,28 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import threading
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 
+from app.config import Settings
+from app.main import create_app
 from model.tokenizer import ChatTokenizer
-from tests.app.support import endless_params, make_settings, require_redis, serving
+from tests.app.support import (
+    delete_prefix,
+    endless_params,
+    free_port,
+    make_settings,
+    require_redis,
+    serving,
+)
 
 playwright = pytest.importorskip(
     "playwright.sync_api", reason="the playwright package is not installed: pip install -e '.[dev]'"
@@ -42,7 +55,11 @@ KEY = "page-key"
 # most tests; the Stop test's own server allows endless replies.
 SHORT_REPLIES = 24
 MAX_TOKENS = 4000
-PRESET_KEY = f"localStorage.setItem('reformer-chat.apiKey', {json.dumps(json.dumps(KEY))})"
+# Runs in every document, about:blank included (which has no localStorage).
+PRESET_KEY = (
+    "if (location.protocol.startsWith('http')) "
+    f"localStorage.setItem('reformer-chat.apiKey', {json.dumps(json.dumps(KEY))})"
+)
 
 
 @pytest.fixture(scope="module")
@@ -66,10 +83,13 @@ def base_url(tiny_checkpoint: Path) -> Iterator[str]:
 
 @pytest.fixture
 def context(browser: Browser) -> Iterator[BrowserContext]:
-    """A fresh profile (empty localStorage) per test."""
+    """A fresh profile (empty localStorage) per test, whose pages must raise no uncaught JS error."""
     ctx = browser.new_context(viewport={"width": 1100, "height": 720})
+    errors: list[str] = []
+    ctx.on("page", lambda page: page.on("pageerror", lambda error: errors.append(str(error))))
     yield ctx
     ctx.close()
+    assert errors == []
 
 
 def open_page(context: BrowserContext, url: str) -> Page:
@@ -190,12 +210,13 @@ def test_new_chat_switching_and_delete(page: Page, http: httpx.Client) -> None:
     finished_reply(page)
     first = current_session(page)
     page.click("#new-chat")
-    page.wait_for_function("() => document.querySelectorAll('#conversations li').length === 2")
-    assert page.locator(".message").count() == 0
-    send(page, "Second chat")
+    send(page, "Second chat")  # at once: it must wait for the new chat, not go to the old one
     finished_reply(page)
     second = current_session(page)
     assert second != first
+    assert page.locator(".message .bubble").first.text_content() == "Second chat"
+    assert [m["content"] for m in stored(http, first)["messages"]][:1] == ["First chat"]
+    assert len(stored(http, first)["messages"]) == 2
     assert page.locator("#conversations .open").all_inner_texts() == ["Second chat", "First chat"]
 
     page.locator(f'#conversations li[data-id="{first}"] .open').click()
@@ -239,25 +260,60 @@ def test_the_api_key_field_appears_when_the_server_asks(context: BrowserContext,
     assert finished_reply(page)["reason"] in ("stop", "length")
 
 
-def test_a_server_that_goes_away_is_reported(context: BrowserContext, tiny_checkpoint: Path) -> None:
+@contextmanager
+def serving_on(settings: Settings, port: int) -> Iterator[str]:
+    """A server on a given port, so a restarted one is where the page last saw it."""
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level=settings.log_level)
+    )
+    thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError(f"the test server failed to start on port {port}: see the captured log")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join()
+
+
+def test_a_server_that_goes_away_is_reported_and_rejoined(
+    context: BrowserContext, tiny_checkpoint: Path
+) -> None:
     require_redis()
+    settings = make_settings(tiny_checkpoint, max_new_tokens=8)
+    port = free_port()
     page = context.new_page()
     page.set_default_timeout(0)
-    with serving(make_settings(tiny_checkpoint, max_new_tokens=8)) as url:
-        page.goto(url)
-        send(page, "Are you there?")
-        finished_reply(page)
-        assert page.locator("#key-form").is_hidden()  # an open server asks for no key
-        page.wait_for_function("() => document.querySelector('#connection').dataset.state === 'open'")
-    # The server has stopped.
-    page.wait_for_function("() => document.querySelector('#connection').dataset.state === 'lost'")
-    assert "Lost the connection to the server" in page.inner_text("#banner")
-    assert page.inner_text("#connection") == "reconnecting…"
-    send(page, "Hello?")
-    page.wait_for_function("() => document.querySelector('#banner').textContent.includes('Not connected')")
-    assert page.input_value("#input") == "Hello?"  # kept for a retry
-    page.click("#new-chat")
-    page.wait_for_function("() => document.querySelector('#banner').textContent.includes('Cannot reach')")
+    try:
+        with serving_on(settings, port) as url:
+            page.goto(url)
+            send(page, "Are you there?")
+            finished_reply(page)
+            assert page.locator("#key-form").is_hidden()  # an open server asks for no key
+            page.wait_for_function("() => document.querySelector('#connection').dataset.state === 'open'")
+        # The server has stopped.
+        page.wait_for_function("() => document.querySelector('#connection').dataset.state === 'lost'")
+        assert "Lost the connection to the server" in page.inner_text("#banner")
+        assert page.inner_text("#connection") == "reconnecting…"
+        send(page, "Hello?")
+        page.wait_for_function(
+            "() => document.querySelector('#banner').textContent.includes('Not connected')"
+        )
+        assert page.input_value("#input") == "Hello?"  # kept for a retry
+        page.click("#new-chat")
+        page.wait_for_function("() => document.querySelector('#banner').textContent.includes('Cannot reach')")
+
+        with serving_on(settings, port):  # back, with the same Redis: the page reconnects by itself
+            page.wait_for_function("() => document.querySelector('#connection').dataset.state === 'open'")
+            assert page.locator("#banner").is_hidden()
+            page.press("#input", "Enter")  # the kept message
+            finished_reply(page, 1)
+            assert page.locator(".message .bubble").all_text_contents()[::2] == ["Are you there?", "Hello?"]
+    finally:
+        delete_prefix(settings.redis_key_prefix)
 
 
 def test_a_screenshot_of_the_page(page: Page, tmp_path: Path) -> None:
