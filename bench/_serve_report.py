@@ -1,0 +1,243 @@
+"""Tables, targets and plots of the serving benchmark (bench/serve.py), from its JSON payload."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+from bench._common import Panel, fmt_seconds, kilo, markdown_table, plot, target, targets_table
+
+MB = 1024**2
+BASELINES = ("refeed", "full", "full-refeed")
+
+
+def _median(turns: list[dict[str, Any]], mode: str, history: int, key: str) -> float | None:
+    values = [t[key] for t in turns if t["mode"] == mode and t["history"] == history and t[key] is not None]
+    return statistics.median(values) if values else None
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else fmt_seconds(value)
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return "-" if a is None or b is None or b == 0 else f"{a / b:.1f}x"
+
+
+def flat_table(turns: list[dict[str, Any]]) -> str:
+    histories = sorted({t["history"] for t in turns})
+    rows = []
+    for h in histories:
+        warm = _median(turns, "warm", h, "latency_s")
+        cells = [
+            kilo(h),
+            _fmt(warm),
+            _fmt(_median(turns, "warm", h, "ttft_s")),
+            _fmt(_median(turns, "warm", h, "server_cpu_s")),
+            _fmt(_median(turns, "cold", h, "latency_s")),
+            _fmt(_median(turns, "cold", h, "ttft_s")),
+        ]
+        for mode in BASELINES:
+            value = _median(turns, mode, h, "latency_s")
+            cells.append(f"{_fmt(value)} ({_ratio(value, warm)})" if value is not None else "-")
+        rows.append(cells)
+    headers = [
+        "history",
+        "warm turn",
+        "warm TTFT",
+        "warm server CPU",
+        "cold turn",
+        "cold TTFT",
+        "refeed turn (x warm)",
+        "full warm turn (x warm)",
+        "full refeed turn (x warm)",
+    ]
+    return markdown_table(headers, rows)
+
+
+def memory_table(memory: list[dict[str, Any]]) -> str:
+    histories = sorted({m["history"] for m in memory})
+
+    def cell(mode: str, h: int, key: str) -> str:
+        found = [m[key] for m in memory if m["mode"] == mode and m["history"] == h]
+        return f"{found[-1] / MB:.0f} MB" if found else "-"
+
+    rows = [
+        [
+            kilo(h),
+            cell("stateful", h, "rss_bytes"),
+            cell("stateful", h, "peak_rss_bytes"),
+            cell("full", h, "rss_bytes"),
+            cell("full", h, "peak_rss_bytes"),
+        ]
+        for h in histories
+    ]
+    headers = [
+        "history",
+        "stateful: RSS after its cold turn",
+        "stateful: peak RSS",
+        "full: RSS after its warm turns",
+        "full: peak RSS",
+    ]
+    return markdown_table(headers, rows)
+
+
+def crowd_table(rows: list[dict[str, Any]]) -> str:
+    base = rows[0]["tokens_per_s"] if rows else None
+    body = []
+    for r in rows:
+        ttft, itl = r["ttft_s"], r["itl_s"]
+        body.append(
+            [
+                str(r["conversations"]),
+                f"{r['tokens_per_s']:.1f}",
+                _ratio(r["tokens_per_s"], base),
+                f"{r['tokens_per_cpu_s']:.1f}" if r["tokens_per_cpu_s"] else "-",
+                " / ".join(_fmt(ttft[p]) for p in ("p50", "p95", "p99")),
+                " / ".join(_fmt(itl[p]) for p in ("p50", "p95", "p99")),
+                str(r["errors"]),
+            ]
+        )
+    headers = [
+        "conversations",
+        "tokens/s",
+        "x one",
+        "tokens per server CPU s",
+        "TTFT p50 / p95 / p99",
+        "inter-token p50 / p95 / p99",
+        "errors",
+    ]
+    return markdown_table(headers, body)
+
+
+TURN_OPS = ("get", "lock", "read_ids", "append_turn", "unlock", "renew_lock")
+
+
+def redis_table(redis: dict[str, dict[str, float]], turns: int) -> str:
+    rows = [
+        [op, f"{s['count']:.0f}", _fmt(s["p50_s"]), _fmt(s["p99_s"]), _fmt(s["sum_s"] / s["count"])]
+        for op, s in sorted(redis.items())
+    ]
+    per_turn = [redis[op] for op in TURN_OPS if op in redis]
+    if per_turn and turns:
+        rows.append(
+            [
+                "**per turn**",
+                str(turns),
+                f"~{_fmt(sum(s['p50_s'] for s in per_turn))}",
+                f"<= {_fmt(sum(s['p99_s'] for s in per_turn))}",
+                _fmt(sum(s["sum_s"] for s in per_turn) / turns),
+            ]
+        )
+    return markdown_table(["operation", "count", "p50", "p99", "mean"], rows)
+
+
+def targets(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    turns, memory, crowd = payload["turns"], payload["memory"], payload["concurrency"]
+    found = []
+    histories = sorted({t["history"] for t in turns if t["mode"] == "warm"})
+    if len(histories) > 1:
+        low, high = histories[0], histories[-1]
+        values = {
+            "wall": _median(turns, "warm", high, "latency_s") / _median(turns, "warm", low, "latency_s"),
+            "cpu": _median(turns, "warm", high, "server_cpu_s") / _median(turns, "warm", low, "server_cpu_s"),
+        }
+        found.append(
+            target("warm turn flat", f"warm at {kilo(high)}", f"warm at {kilo(low)}", values, "<= 1.2")
+        )
+    rss = {m["history"]: m["rss_bytes"] for m in memory if m["mode"] == "stateful"}
+    if 1024 in rss and len(rss) > 1:
+        high = max(rss)
+        found.append(
+            target(
+                "memory flat",
+                f"server RSS at {kilo(high)}",
+                "at 1K",
+                {"memory": rss[high] / rss[1024]},
+                "<= 1.05",
+            )
+        )
+    by_count = {r["conversations"]: r for r in crowd}
+    if 1 in by_count and 16 in by_count:
+        one, many = by_count[1], by_count[16]
+        values = {"wall": many["tokens_per_s"] / one["tokens_per_s"]}
+        if one["tokens_per_cpu_s"] and many["tokens_per_cpu_s"]:
+            values["cpu"] = many["tokens_per_cpu_s"] / one["tokens_per_cpu_s"]
+        found.append(target("batching", "16 conversations tokens/s", "1 conversation", values, ">= 6"))
+    return found
+
+
+def report(payload: dict[str, Any]) -> str:
+    crowd_turns = sum(r["turns"] for r in payload["concurrency"])
+    warm_turns = sum(1 for t in payload["turns"] if t["mode"] == "warm")
+    errors = sum(r["errors"] for r in payload["concurrency"])
+    parts = [
+        "### Flat turns (20-token message, 32-token reply; medians)",
+        flat_table(payload["turns"]),
+        "### Server memory",
+        memory_table(payload["memory"]),
+        "### Concurrency",
+        crowd_table(payload["concurrency"]),
+        f"errors across all concurrency levels: {errors}",
+        "### Redis time over the measured turns (warm flat turns and every concurrency turn)",
+        redis_table(payload["redis"], crowd_turns + warm_turns),
+        "### Targets",
+        targets_table(targets(payload)),
+    ]
+    return "\n\n".join(parts) + "\n"
+
+
+def plots(payload: dict[str, Any], out: Path, name: str) -> None:
+    turns = payload["turns"]
+
+    def series(key: str, modes: tuple[str, ...]) -> dict[str, list[tuple[float, float]]]:
+        found: dict[str, list[tuple[float, float]]] = {}
+        for mode in modes:
+            for h in sorted({t["history"] for t in turns if t["mode"] == mode}):
+                value = _median(turns, mode, h, key)
+                if value is not None:
+                    found.setdefault(mode, []).append((h, value))
+        return found
+
+    modes = ("warm", "cold", *BASELINES)
+    memory = {
+        mode: [(m["history"], m["rss_bytes"] / MB) for m in payload["memory"] if m["mode"] == mode]
+        for mode in ("stateful", "full")
+    }
+    if turns:
+        plot(
+            out / f"{name}_flat.png",
+            [
+                Panel(
+                    "Turn latency (20-token message, 32-token reply)", "seconds", series("latency_s", modes)
+                ),
+                Panel("Time to first token", "seconds", series("ttft_s", modes)),
+                Panel("Server resident memory", "MB", memory, logy=False),
+            ],
+            "conversation history (tokens)",
+        )
+    crowd = payload["concurrency"]
+    if crowd:
+        plot(
+            out / f"{name}_concurrency.png",
+            [
+                Panel(
+                    "Aggregate generation",
+                    "tokens/s",
+                    {"stateful": [(r["conversations"], r["tokens_per_s"]) for r in crowd]},
+                ),
+                Panel(
+                    "Latency percentiles",
+                    "seconds",
+                    {
+                        f"{what} {p}": [
+                            (r["conversations"], r[f"{what}_s"][p]) for r in crowd if r[f"{what}_s"][p]
+                        ]
+                        for what in ("ttft", "itl")
+                        for p in ("p50", "p99")
+                    },
+                ),
+            ],
+            "concurrent conversations",
+        )

@@ -1,0 +1,338 @@
+"""Serving benchmark (issue 6): flat turns as one conversation grows, many conversations at once, and the
+baselines people run today, all against live `python -m app` servers driven over websockets.
+
+    python -m bench.serve --full-model-dir runs/full/checkpoint          # about 20 minutes on 2 CPU cores
+
+1. Flat turns. One conversation grows to 100 ... 64K tokens: big user messages with 1-token replies, fed
+   through the websocket API like any turn (so the stored ids, messages and states are the real ones).
+   At each length: warm turns (the state is cached), a cold turn (the server was restarted, the state is
+   rebuilt from Redis), the server's memory, and the same turn on the baselines:
+   - "refeed": the same checkpoint with STATE_CACHE_BYTES=0, so every turn feeds the whole stored
+     conversation through the model, as a stateless server without prefix caching does;
+   - "full": a checkpoint of the same shape with "full" attention layers (warm: its growing KV state is
+     cached), and "full-refeed": that model re-fed from scratch every turn, the stateless transformer.
+   A measured turn is a 20-token message and a 32-token reply (reply-ending tokens banned).
+2. Concurrency: 1, 4, 16, 64 conversations each run back-to-back turns at once; aggregate tokens/s,
+   TTFT and inter-token latency percentiles, errors.
+3. Redis: time per operation and per turn, from the servers' own Prometheus histograms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from app.config import SHIPPED_MODEL_DIR
+from app.embedded_redis import EmbeddedRedis
+from bench._common import REPO_ROOT, environment, write_json
+from bench._serve import (
+    Messages,
+    ServerProcess,
+    ServerSpec,
+    TurnRecord,
+    create_session,
+    redis_seconds,
+    run_turn,
+)
+from bench._serve_report import plots, report
+from model import ChatTokenizer
+
+LOG = logging.getLogger("bench.serve")
+MESSAGE_TOKENS = 20
+REPLY_TOKENS = 32
+GROW_TOKENS = 4096  # user tokens per history-building message
+TURN_TOKENS = MESSAGE_TOKENS + 3 + REPLY_TOKENS + 1  # role, text, end, assistant prefix, reply, end
+PRIME_TOKENS = 200  # history each concurrent conversation starts with
+FULL_CACHE_BYTES = 8 << 30  # a 64K-token "full" state is 256 MiB: cache it, the baseline's best case
+
+
+class Bench:
+    """One run: a Redis, the messages, and the rows measured so far."""
+
+    def __init__(self, args: argparse.Namespace, redis_url: str, log_dir: Path) -> None:
+        self.args = args
+        self.redis_url = redis_url
+        self.prefix = f"bench:{uuid.uuid4().hex[:10]}:"
+        self.log_dir = log_dir
+        self.messages = Messages(ChatTokenizer.load(Path(args.model_dir) / "tokenizer.model"))
+        self.turns: list[dict[str, Any]] = []
+        self.memory: list[dict[str, Any]] = []
+        self.concurrency: list[dict[str, Any]] = []
+        self.redis_scrapes: list[tuple[str, str]] = []  # /admin/metrics before and after measured turns
+        self._seed = 0
+
+    def spec(self, name: str, *, full: bool = False, cache: bool = True, max_running: int = 16) -> ServerSpec:
+        model_dir = Path(self.args.full_model_dir if full else self.args.model_dir)
+        cache_bytes = (FULL_CACHE_BYTES if full else 256 << 20) if cache else 0
+        return ServerSpec(name, model_dir, cache_bytes, self.args.threads, max_running)
+
+    def start(self, spec: ServerSpec) -> ServerProcess:
+        LOG.info("starting server %s", spec.name)
+        return ServerProcess(spec, self.redis_url, self.prefix, self.log_dir)
+
+    # ---- one conversation ---------------------------------------------------------------------------
+    def turn(
+        self, server: ServerProcess, session_id: str, content: str, params: dict[str, Any]
+    ) -> TurnRecord:
+        cpu = server.cpu_seconds()
+        record = asyncio.run(run_turn(server, session_id, content, params))
+        record.server_cpu_s = server.cpu_seconds() - cpu
+        if record.error is not None:
+            raise RuntimeError(f"turn on {server.spec.name} failed: {record.error}")
+        return record
+
+    def measured(self, server: ServerProcess, session_id: str, mode: str, history: int, context: int) -> int:
+        """One 20-token message -> 32-token reply, recorded; returns the stored length after it."""
+        self._seed += 1
+        params = self.messages.reply_params(REPLY_TOKENS, self._seed)
+        record = self.turn(server, session_id, self.messages.make(MESSAGE_TOKENS), params)
+        self.turns.append(
+            {
+                "mode": mode,
+                "history": history,
+                "context_before": context,
+                "ttft_s": record.ttft,
+                "latency_s": record.latency,
+                "server_cpu_s": record.server_cpu_s,
+                "completion_tokens": record.completion_tokens,
+            }
+        )
+        LOG.info(
+            "%-12s history %6d: turn %.3f s, TTFT %.3f s", mode, context, record.latency, record.ttft or 0
+        )
+        return record.context_tokens
+
+    def grow(self, server: ServerProcess, session_id: str, target: int, context: int) -> int:
+        """Big messages with 1-token replies until one more measured turn would pass `target`."""
+        started = time.perf_counter()
+        while target - context - TURN_TOKENS >= 8:
+            size = min(GROW_TOKENS, target - context - TURN_TOKENS)
+            record = self.turn(server, session_id, self.messages.make(size), {"max_tokens": 1})
+            context = record.context_tokens
+        LOG.info(
+            "%s: history %d after %.0f s of growing", server.spec.name, context, time.perf_counter() - started
+        )
+        return context
+
+    def remember(self, server: ServerProcess, mode: str, history: int) -> None:
+        self.memory.append({"mode": mode, "history": history, **server.memory()})
+
+    # ---- phases -------------------------------------------------------------------------------------
+    def flat(self) -> None:
+        """One conversation per length. Their warm turns are interleaved (100, 1K, ..., 64K, 100, ...) so
+        that every length sees the same load on this shared machine; then the re-feed baseline takes a turn
+        on each; then, per length, a freshly started server takes the cold turn (its state rebuilt from
+        Redis) and its memory is read: a server that holds just that conversation."""
+        args = self.args
+        contexts: dict[int, int] = {}
+        with self.start(self.spec("stateful")) as server:
+            sessions = {history: create_session(server) for history in args.lengths}
+            for history in args.lengths:
+                contexts[history] = self.grow(server, sessions[history], history, 0)
+            before = server.metrics()
+            for _ in range(args.warm_turns):
+                for history in args.lengths:
+                    contexts[history] = self.measured(
+                        server, sessions[history], "warm", history, contexts[history]
+                    )
+            self.redis_scrapes.append((before, server.metrics()))
+        refeed_lengths = [h for h in args.lengths if h <= args.refeed_max]
+        if refeed_lengths:
+            with self.start(self.spec("refeed", cache=False)) as refeed:
+                for history in refeed_lengths:
+                    contexts[history] = self.measured(
+                        refeed, sessions[history], "refeed", history, contexts[history]
+                    )
+        for history in args.lengths:
+            with self.start(self.spec("stateful")) as fresh:
+                contexts[history] = self.measured(
+                    fresh, sessions[history], "cold", history, contexts[history]
+                )
+                self.remember(fresh, "stateful", history)
+
+    def full(self) -> None:
+        """The "full" attention checkpoint, warm (its KV state cached) and re-fed every turn."""
+        args = self.args
+        server = self.start(self.spec("full", full=True))
+        refeed = self.start(self.spec("full-refeed", full=True, cache=False))
+        try:
+            session_id, context = create_session(server), 0
+            for history in [h for h in args.lengths if h <= args.full_max]:
+                context = self.grow(server, session_id, history, context)
+                for _ in range(args.full_warm_turns):
+                    context = self.measured(server, session_id, "full", history, context)
+                self.remember(server, "full", history)
+                if history <= args.full_refeed_max:
+                    context = self.measured(refeed, session_id, "full-refeed", history, context)
+        finally:
+            server.stop()
+            refeed.stop()
+
+    def crowd(self) -> None:
+        """Many conversations at once, each taking back-to-back turns."""
+        args = self.args
+        server = self.start(self.spec("stateful-crowd", max_running=max(args.concurrency)))
+        try:
+            for count in args.concurrency:
+                self.concurrency.append(self._crowd(server, count))
+        finally:
+            server.stop()
+
+    def _crowd(self, server: ServerProcess, count: int) -> dict[str, Any]:
+        sessions = [create_session(server) for _ in range(count)]
+        prime_params = self.messages.reply_params(8, 0)
+        primers = [run_turn(server, s, self.messages.make(PRIME_TOKENS), prime_params) for s in sessions]
+        contents = [
+            [self.messages.make(MESSAGE_TOKENS) for _ in range(self.args.crowd_turns)] for _ in sessions
+        ]
+
+        async def conversation(session_id: str, texts: list[str], seed: int) -> list[TurnRecord]:
+            params = self.messages.reply_params(REPLY_TOKENS, seed)
+            return [await run_turn(server, session_id, text, params) for text in texts]
+
+        async def everyone() -> list[list[TurnRecord]]:
+            pairs = zip(sessions, contents, strict=True)
+            return await asyncio.gather(*(conversation(s, c, i) for i, (s, c) in enumerate(pairs)))
+
+        async def prime() -> None:
+            await asyncio.gather(*primers)
+
+        asyncio.run(prime())  # every conversation starts with some history, outside the timed window
+        before = server.metrics()
+        cpu, started = server.cpu_seconds(), time.perf_counter()
+        records = [r for rs in asyncio.run(everyone()) for r in rs]
+        wall, cpu = time.perf_counter() - started, server.cpu_seconds() - cpu
+        self.redis_scrapes.append((before, server.metrics()))
+        row = crowd_row(count, records, wall, cpu)
+        LOG.info("%d conversations: %.1f tokens/s, %d errors", count, row["tokens_per_s"], row["errors"])
+        return row
+
+
+def crowd_row(count: int, records: list[TurnRecord], wall: float, cpu: float) -> dict[str, Any]:
+    """Aggregate one concurrency level: tokens/s is every measured reply token over the window from the
+    first message sent to the last reply done, so stragglers count against it."""
+    import numpy as np
+
+    ok = [r for r in records if r.error is None]
+    tokens = sum(r.completion_tokens for r in ok)
+    ttft = [r.ttft for r in ok if r.ttft is not None]
+    gaps = [g for r in ok for g in r.gaps]
+
+    def pct(values: list[float]) -> dict[str, float | None]:
+        if not values:
+            return {"p50": None, "p95": None, "p99": None}
+        p50, p95, p99 = np.percentile(values, [50, 95, 99])
+        return {"p50": float(p50), "p95": float(p95), "p99": float(p99)}
+
+    return {
+        "conversations": count,
+        "turns": len(records),
+        "tokens": tokens,
+        "wall_s": wall,
+        "server_cpu_s": cpu,
+        "tokens_per_s": tokens / wall,
+        "tokens_per_cpu_s": tokens / cpu if cpu else None,
+        "ttft_s": pct(ttft),
+        "itl_s": pct(gaps),
+        "errors": len(records) - len(ok),
+        "error_samples": sorted({r.error for r in records if r.error})[:3],
+    }
+
+
+def delete_keys(url: str, prefix: str) -> None:
+    """On a shared Redis, remove this run's keys and only them."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        for key in client.scan_iter(match=f"{prefix}*", count=1000):
+            client.delete(key)
+    finally:
+        client.close()
+
+
+def parse_args() -> argparse.Namespace:
+    def ints(text: str) -> list[int]:
+        return [int(x) for x in text.split(",") if x]
+
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model-dir", default=str(SHIPPED_MODEL_DIR), help="the lsh/local checkpoint served")
+    parser.add_argument(
+        "--full-model-dir", help="a same-shape checkpoint with full attention (skip if unset)"
+    )
+    parser.add_argument("--lengths", type=ints, default=[100, 1024, 4096, 16384, 65536])
+    parser.add_argument("--warm-turns", type=int, default=3)
+    parser.add_argument("--refeed-max", type=int, default=65536, help="longest history for the refeed turn")
+    parser.add_argument("--full-max", type=int, default=65536, help="longest history for the full model")
+    parser.add_argument("--full-refeed-max", type=int, default=16384, help="its refeed costs O(L^2)")
+    parser.add_argument("--full-warm-turns", type=int, default=2)
+    parser.add_argument("--concurrency", type=ints, default=[1, 4, 16, 64])
+    parser.add_argument("--crowd-turns", type=int, default=3, help="turns per conversation in phase 2")
+    parser.add_argument("--threads", type=int, default=1, help="TORCH_THREADS of the servers")
+    parser.add_argument("--phases", default="flat,full,crowd")
+    parser.add_argument("--redis-url", help="use this Redis instead of starting one (keys under bench:...)")
+    parser.add_argument("--out", default=str(REPO_ROOT / "bench" / "results"))
+    parser.add_argument("--name", default="serve", help="output files: <out>/<name>.json, <name>_*.png")
+    return parser.parse_args()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the progress
+    args = parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks: stop the servers
+    phases = set(args.phases.split(","))
+    if "full" in phases and not args.full_model_dir:
+        LOG.warning("no --full-model-dir: skipping the full-attention baseline")
+        phases.discard("full")
+    workdir = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    redis = None if args.redis_url else EmbeddedRedis(workdir / "data")
+    redis_url = args.redis_url or redis.start()  # type: ignore[union-attr]
+    bench = Bench(args, redis_url, workdir)
+    started = time.perf_counter()
+    try:
+        for phase in ("flat", "full", "crowd"):
+            if phase in phases:
+                getattr(bench, phase)()
+    finally:
+        if redis is not None:
+            redis.stop()
+        else:
+            delete_keys(args.redis_url, bench.prefix)
+    payload = {
+        "environment": environment("cpu", args.threads),
+        "setup": {
+            "message_tokens": MESSAGE_TOKENS,
+            "reply_tokens": REPLY_TOKENS,
+            "grow_tokens": GROW_TOKENS,
+            "model_dir": args.model_dir,
+            "full_model_dir": args.full_model_dir,
+            "run_s": time.perf_counter() - started,
+            "history_built": "through the websocket API: user messages of up to 4096 tokens, 1-token replies",
+        },
+        "turns": bench.turns,
+        "memory": bench.memory,
+        "concurrency": bench.concurrency,
+        "redis": redis_seconds(bench.redis_scrapes),
+    }
+    out = Path(args.out)
+    payload["report"] = report(payload)
+    write_json(out / f"{args.name}.json", payload)
+    plots(payload, out, args.name)
+    print(payload["report"])
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
