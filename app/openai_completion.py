@@ -30,7 +30,7 @@ import anyio
 from pydantic import ValidationError
 
 from app.chat import ChatService, Turn
-from app.engine import GenerationHandle, GenerationRequest
+from app.engine_requests import GenerationHandle, GenerationRequest
 from app.errors import EngineFailed
 from app.openai_errors import ModelNotFound, OpenAIInvalidRequest
 from app.openai_schemas import ChatCompletionRequest, ChatMessage
