@@ -13,7 +13,7 @@ Continuous batching. The thread runs steps; each step
 3. decodes the next token of every row in one `model.decode()` call (app/batching.py), and samples each
    generating row with its own parameters and generator (`sample_rows`).
 Requests join the batch when their prompt is fed and leave when their reply ends; neither waits for
-the others. A short prompt (at most `batch_prompt_tokens`) that arrives while other replies stream skips
+the others. A short prompt (at most `batch_prompt_tokens`) that arrives while other requests run skips
 step 2: it joins the batch at once and feeds one prompt token per step alongside the others. A separate
 prefill call costs about as much as the state's capacity (the cached entries are sorted together with
 the new tokens) whatever the prompt's length, while a row of a decode step costs a few milliseconds, so
@@ -187,8 +187,8 @@ class ChatEngine:
         error = self._refusal(request)
         if error is not None:
             self._finish(run, ("cancelled", error), None)
-        elif len(request.feed_ids) <= self._batch_prompt_tokens and any(b.members for b in self._batches):
-            self._join(run, state)  # its prompt goes through the decode steps, one token per step
+        elif len(request.feed_ids) <= self._batch_prompt_tokens and self._running > 1:
+            self._join(run, state)  # others are running: its prompt goes through the decode steps
         else:
             self._prefilling[run] = state
 
