@@ -25,6 +25,26 @@ def _ratio(a: float | None, b: float | None) -> str:
     return "-" if a is None or b is None or b == 0 else f"{a / b:.1f}x"
 
 
+# How a baseline's turn grows with the history L: a warm "full" turn attends over (and copies) its
+# whole KV state, a + b*L; a re-fed turn without the cache prefills L tokens, and "full" attention
+# makes that a + b*L^2 (lsh/local prefill is linear: a + b*L).
+GROWTH = {"full": 1, "full-refeed": 2, "refeed": 1}
+
+
+def _extend(turns: list[dict[str, Any]], mode: str, history: int) -> float | None:
+    """A baseline's turn latency beyond its longest measured history: y = a + b * L^p through the last
+    two measured points (p from GROWTH). Only for lengths past the measured ones, and marked as such."""
+    measured = sorted({t["history"] for t in turns if t["mode"] == mode})
+    if len(measured) < 2 or history <= measured[-1]:
+        return None
+    (x0, x1), p = measured[-2:], GROWTH[mode]
+    y0, y1 = _median(turns, mode, x0, "latency_s"), _median(turns, mode, x1, "latency_s")
+    if y0 is None or y1 is None:
+        return None
+    b = (y1 - y0) / (x1**p - x0**p)
+    return y1 + b * (history**p - x1**p)
+
+
 def flat_table(turns: list[dict[str, Any]]) -> str:
     histories = sorted({t["history"] for t in turns})
     rows = []
@@ -40,7 +60,13 @@ def flat_table(turns: list[dict[str, Any]]) -> str:
         ]
         for mode in BASELINES:
             value = _median(turns, mode, h, "latency_s")
-            cells.append(f"{_fmt(value)} ({_ratio(value, warm)})" if value is not None else "-")
+            if value is not None:
+                cells.append(f"{_fmt(value)} ({_ratio(value, warm)})")
+                continue
+            guess = _extend(turns, mode, h)
+            cells.append(
+                f"~{_fmt(guess)} ({_ratio(guess, warm)}), extrapolated" if guess is not None else "-"
+            )
         rows.append(cells)
     headers = [
         "history",

@@ -1,7 +1,7 @@
 """Serving benchmark (issue 6): flat turns as one conversation grows, many conversations at once, and the
 baselines people run today, all against live `python -m app` servers driven over websockets.
 
-    python -m bench.serve --full-model-dir runs/full/checkpoint          # about 20 minutes on 2 CPU cores
+    python -m bench.serve --full-model-dir runs/small-full/checkpoint   # about 25 minutes on 2 busy CPU cores
 
 1. Flat turns. One conversation grows to 100 ... 64K tokens: big user messages with 1-token replies, fed
    through the websocket API like any turn (so the stored ids, messages and states are the real ones).
@@ -274,11 +274,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lengths", type=ints, default=[100, 1024, 4096, 16384, 65536])
     parser.add_argument("--warm-turns", type=int, default=3)
     parser.add_argument("--refeed-max", type=int, default=65536, help="longest history for the refeed turn")
-    parser.add_argument("--full-max", type=int, default=65536, help="longest history for the full model")
+    # Building a "full" history costs O(L^2): 16K -> 64K alone is about 10 minutes of prefill here.
+    parser.add_argument("--full-max", type=int, default=16384, help="longest history for the full model")
     parser.add_argument("--full-refeed-max", type=int, default=16384, help="its refeed costs O(L^2)")
     parser.add_argument("--full-warm-turns", type=int, default=2)
     parser.add_argument("--concurrency", type=ints, default=[1, 4, 16, 64])
-    parser.add_argument("--crowd-turns", type=int, default=3, help="turns per conversation in phase 2")
+    parser.add_argument("--crowd-turns", type=int, default=2, help="turns per conversation in phase 2")
     parser.add_argument("--threads", type=int, default=1, help="TORCH_THREADS of the servers")
     parser.add_argument("--phases", default="flat,full,crowd")
     parser.add_argument("--redis-url", help="use this Redis instead of starting one (keys under bench:...)")
