@@ -56,20 +56,33 @@ def windowed_perplexity(model: ReformerLM, stream: torch.Tensor, seq_len: int, b
 
 
 @torch.no_grad()
-def positional_losses(model: ReformerLM, stream: torch.Tensor, length: int, n_streams: int) -> torch.Tensor:
-    """Per-position cross-entropy (n_streams, length) on consecutive long slices of the stream."""
-    losses = []
+def positional_losses(
+    model: ReformerLM, stream: torch.Tensor, length: int, n_streams: int, seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token cross-entropy (n_streams, length) of consecutive long slices of the stream, twice:
+    as one long sequence (positions up to `length`), and cut into windows of the training length (every
+    position inside the trained range). Same tokens both ways, so their ratio isolates what the long
+    positions do to the model, free of which conversations happen to fall where."""
+    long_losses, windowed_losses = [], []
     for i in range(n_streams):
         chunk = stream[i * (length + 1) : (i + 1) * (length + 1)]
         if len(chunk) < length + 1:
             break
-        logits = model(chunk[None, :-1])
-        losses.append(F.cross_entropy(logits[0].float(), chunk[1:], reduction="none"))
-    return torch.stack(losses)
+        inputs, targets = chunk[:-1], chunk[1:]
+        logits = model(inputs[None])
+        long_losses.append(F.cross_entropy(logits[0].float(), targets, reduction="none"))
+        windows = model(inputs.view(-1, seq_len))  # (length / seq_len, seq_len, vocab)
+        windowed_losses.append(F.cross_entropy(windows.flatten(0, 1).float(), targets, reduction="none"))
+    return torch.stack(long_losses), torch.stack(windowed_losses)
 
 
 def bin_perplexities(losses: torch.Tensor, bins: list[tuple[int, int]]) -> dict[str, float]:
     return {f"{a}-{b}": math.exp(losses[:, a:b].mean().item()) for a, b in bins}
+
+
+def bin_ratios(long: torch.Tensor, windowed: torch.Tensor, bins: list[tuple[int, int]]) -> dict[str, float]:
+    """Perplexity of the same tokens at their long-stream positions over at in-range positions."""
+    return {f"{a}-{b}": math.exp((long[:, a:b] - windowed[:, a:b]).mean().item()) for a, b in bins}
 
 
 def train_both(common: str, reformer_dir: Path, full_dir: Path) -> None:
@@ -100,10 +113,13 @@ def evaluate(run: Path, seq_len: int, length: int, n_streams: int, bins: list[tu
         "test_tokens": len(stream),
         "test_ppl": windowed_perplexity(model, stream, seq_len, batch=8),
     }
-    losses = positional_losses(model, stream, length, n_streams)
+    losses, windowed = positional_losses(model, stream, length, n_streams, seq_len)
     result["long_streams"] = losses.shape[0]
     result["position_ppl"] = bin_perplexities(losses, bins)
+    result["same_tokens_in_range_ppl"] = bin_perplexities(windowed, bins)
+    result["long_over_in_range"] = bin_ratios(losses, windowed, bins)
     result["curve"] = [math.exp(v) for v in losses.mean(0).view(-1, 256).mean(1).tolist()]
+    result["ratio_curve"] = [math.exp(v) for v in (losses - windowed).mean(0).view(-1, 256).mean(1).tolist()]
     result["eval_seconds"] = round(time.perf_counter() - started, 1)
     training = run / "checkpoint" / "training.json"
     if training.exists():
@@ -117,16 +133,21 @@ def plot(results: dict[str, dict], seq_len: int, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
     for name, result in results.items():
-        curve = result["curve"]
-        ax.plot([256 * (i + 0.5) for i in range(len(curve))], curve, label=name)
-    ax.axvline(seq_len, color="grey", linestyle="--", label=f"training length {seq_len}")
-    ax.set_xlabel("position in the stream (tokens)")
-    ax.set_ylabel("perplexity (256-token bins)")
-    ax.set_yscale("log")
-    ax.set_title("Test perplexity by position")
-    ax.legend()
+        xs = [256 * (i + 0.5) for i in range(len(result["curve"]))]
+        left.plot(xs, result["curve"], label=name)
+        right.plot(xs, result["ratio_curve"], label=name)
+    for ax in (left, right):
+        ax.axvline(seq_len, color="grey", linestyle="--", label=f"training length {seq_len}")
+        ax.set_xlabel("position in the long stream (tokens)")
+        ax.legend()
+    left.set_ylabel("perplexity (256-token bins)")
+    left.set_yscale("log")
+    left.set_title("Test perplexity by position")
+    right.set_ylabel("ppl at this position / ppl of the same tokens in range")
+    right.axhline(1.0, color="black", linewidth=0.5)
+    right.set_title("Same tokens: long position vs in range")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
 
@@ -158,21 +179,24 @@ def main() -> None:
     ratio = results["reformer"]["test_ppl"] / results["full"]["test_ppl"]
     summary = {"reformer_over_full_test_ppl": ratio}
     for name, result in results.items():
-        inside = result["position_ppl"][f"{bins[0][0]}-{bins[0][1]}"]
-        summary[f"{name}_worst_beyond_over_inside"] = max(
-            v / inside for k, v in result["position_ppl"].items() if int(k.split("-")[0]) >= s
+        summary[f"{name}_worst_beyond_range_ratio"] = max(
+            v for k, v in result["long_over_in_range"].items() if int(k.split("-")[0]) >= s
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"results": results, "summary": summary, "bins": bins}, indent=2))
     plot(results, s, args.out.with_suffix(".png"))
 
-    header = "".join(f" ppl @ {a}-{b} |" for a, b in bins)
+    header = "".join(f" {a}-{b} |" for a, b in bins)
     print(f"| model | layers | parameters | test ppl (windows of {s}) |{header}")
     print("|---|---|---|---|" + "---|" * len(bins))
     for name, r in results.items():
-        cells = " | ".join(f"{v:.2f}" for v in r["position_ppl"].values())
         layers = ",".join(r["attn_layers"])
+        cells = " | ".join(
+            f"{p:.1f} ({q:.3f}x)"
+            for p, q in zip(r["position_ppl"].values(), r["long_over_in_range"].values(), strict=True)
+        )
         print(f"| {name} | {layers} | {r['parameters']:,} | {r['test_ppl']:.2f} | {cells} |")
+    print("\nCells: perplexity at those positions of the long streams (ratio to the same tokens in range).")
     print()
     for key, value in summary.items():
         print(f"- {key}: {value:.3f}")

@@ -65,7 +65,8 @@ def main() -> None:
                 unfed = fed_before + len(prompt) + len(reply_ids) - int(state.length[0])
                 tail = reply_ids[len(reply_ids) - unfed :] if unfed else []
                 model.decode(torch.tensor([[*tail, tokenizer.end_id]]), state)
-                print(f"> **user:** {line}\n>\n> **assistant:** {tokenizer.decode(reply_ids)}\n>")
+                reply = tokenizer.decode(reply_ids).replace("\n", "  \n> ")  # keep line breaks in the quote
+                print(f"> **user:** {line}\n>\n> **assistant:** {reply}\n>")
             print()
 
 
