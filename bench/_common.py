@@ -295,6 +295,11 @@ def sweep(
         row = {**full, **result}
         rows.append(row)
         on_row(row)
+    # Cells of the earlier run that this invocation did not ask for (a narrower --models/--lengths) stay.
+    for old in done or []:
+        if not any(all(r.get(k) == old.get(k) for k in ("model", "mode", x_key)) for r in rows):
+            rows.append(old)
+            on_row(old)
     return rows
 
 

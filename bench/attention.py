@@ -200,7 +200,8 @@ def main() -> None:
     else:
         payload, rows = run(args)
     lengths = sorted({r["length"] for r in rows})
-    models = list(dict.fromkeys(r["model"] for r in rows))
+    present = {r["model"] for r in rows}  # default order first: a --resume may append out of order
+    models = [m for m in DEFAULT_MODELS if m in present] + sorted(present - set(DEFAULT_MODELS))
     modes = list(dict.fromkeys(r["mode"] for r in rows))
     payload["targets"] = targets(rows)
     write_json(args.out, payload)

@@ -229,7 +229,11 @@ def tables(rows: list[dict[str, Any]], histories: list[int], models: list[str]) 
         (
             "prefill tokens per second: wall / CPU",
             "prefill_tok_s",
-            lambda r: f"{r['prefill_tok_s']:.0f} / {r.get('prefill_cpu_tok_s') or 0:.0f}",
+            lambda r: (
+                f"{r['prefill_tok_s']:.0f} / {r['prefill_cpu_tok_s']:.0f}"
+                if r.get("prefill_cpu_tok_s")
+                else f"{r['prefill_tok_s']:.0f} / n/a"
+            ),
         ),
         ("state held per conversation", "state_bytes", lambda r: fmt_bytes(r, "state_bytes")),
     )
@@ -263,7 +267,9 @@ def main() -> None:
     else:
         payload, rows = run(args)
     histories = sorted({r["history"] for r in rows})
-    models = list(dict.fromkeys(r["model"] for r in rows))
+    # The default order first (a --resume can append cells out of order), then anything else.
+    present = {r["model"] for r in rows}
+    models = [m for m in DEFAULT_MODELS if m in present] + sorted(present - set(DEFAULT_MODELS))
     payload["targets"] = targets(rows)
     write_json(args.out, payload)
 

@@ -122,7 +122,8 @@ def main() -> None:
     else:
         payload, rows = run(args)
     depths = sorted({r["depth"] for r in rows})
-    models = list(dict.fromkeys(r["model"] for r in rows))
+    present = {r["model"] for r in rows}  # default order first: a --resume may append out of order
+    models = [m for m in DEFAULT_MODELS if m in present] + sorted(present - set(DEFAULT_MODELS))
     length = payload["length"]
     low, high = (2, 8) if {2, 8} <= set(depths) else (depths[0], depths[-1])
     payload["targets"] = growth_ratios(rows, low, high)
