@@ -31,53 +31,70 @@ def _ratio(a: float | None, b: float | None) -> str:
 GROWTH = {"full": 1, "full-refeed": 2, "refeed": 1}
 
 
-def _extend(turns: list[dict[str, Any]], mode: str, history: int) -> float | None:
+def _extend(turns: list[dict[str, Any]], mode: str, history: int, key: str) -> float | None:
     """A baseline's turn latency beyond its longest measured history: y = a + b * L^p through the last
     two measured points (p from GROWTH). Only for lengths past the measured ones, and marked as such."""
     measured = sorted({t["history"] for t in turns if t["mode"] == mode})
     if len(measured) < 2 or history <= measured[-1]:
         return None
     (x0, x1), p = measured[-2:], GROWTH[mode]
-    y0, y1 = _median(turns, mode, x0, "latency_s"), _median(turns, mode, x1, "latency_s")
+    y0, y1 = _median(turns, mode, x0, key), _median(turns, mode, x1, key)
     if y0 is None or y1 is None:
         return None
     b = (y1 - y0) / (x1**p - x0**p)
     return y1 + b * (history**p - x1**p)
 
 
+def _versus_warm(turns: list[dict[str, Any]], mode: str, h: int, key: str) -> str:
+    """A mode's median at h and its ratio to the warm turn's; extrapolated past its measured range."""
+    warm = _median(turns, "warm", h, key)
+    value = _median(turns, mode, h, key)
+    if value is not None:
+        return f"{_fmt(value)} ({_ratio(value, warm)})"
+    guess = _extend(turns, mode, h, key) if mode in GROWTH else None
+    return f"~{_fmt(guess)} ({_ratio(guess, warm)}), extrapolated" if guess is not None else "-"
+
+
 def flat_table(turns: list[dict[str, Any]]) -> str:
-    histories = sorted({t["history"] for t in turns})
-    rows = []
-    for h in histories:
-        warm = _median(turns, "warm", h, "latency_s")
-        cells = [
+    """What the client sees: wall-clock turn latency and time to first token."""
+    rows = [
+        [
             kilo(h),
-            _fmt(warm),
+            _fmt(_median(turns, "warm", h, "latency_s")),
             _fmt(_median(turns, "warm", h, "ttft_s")),
-            _fmt(_median(turns, "warm", h, "server_cpu_s")),
-            _fmt(_median(turns, "cold", h, "latency_s")),
+            _versus_warm(turns, "cold", h, "latency_s"),
             _fmt(_median(turns, "cold", h, "ttft_s")),
+            *(_versus_warm(turns, mode, h, "latency_s") for mode in BASELINES),
         ]
-        for mode in BASELINES:
-            value = _median(turns, mode, h, "latency_s")
-            if value is not None:
-                cells.append(f"{_fmt(value)} ({_ratio(value, warm)})")
-                continue
-            guess = _extend(turns, mode, h)
-            cells.append(
-                f"~{_fmt(guess)} ({_ratio(guess, warm)}), extrapolated" if guess is not None else "-"
-            )
-        rows.append(cells)
+        for h in sorted({t["history"] for t in turns})
+    ]
     headers = [
         "history",
         "warm turn",
         "warm TTFT",
-        "warm server CPU",
-        "cold turn",
+        "cold turn (x warm)",
         "cold TTFT",
         "refeed turn (x warm)",
         "full warm turn (x warm)",
         "full refeed turn (x warm)",
+    ]
+    return markdown_table(headers, rows)
+
+
+def cpu_table(turns: list[dict[str, Any]]) -> str:
+    """The server process's CPU time per turn: what the turn costs, much less moved by other tenants."""
+    rows = [
+        [kilo(h), _fmt(_median(turns, "warm", h, "server_cpu_s"))]
+        + [_versus_warm(turns, mode, h, "server_cpu_s") for mode in ("cold", *BASELINES)]
+        for h in sorted({t["history"] for t in turns})
+    ]
+    headers = [
+        "history",
+        "warm",
+        "cold (x warm)",
+        "refeed (x warm)",
+        "full warm (x warm)",
+        "full refeed (x warm)",
     ]
     return markdown_table(headers, rows)
 
@@ -199,8 +216,10 @@ def report(payload: dict[str, Any]) -> str:
     warm_turns = sum(1 for t in payload["turns"] if t["mode"] == "warm")
     errors = sum(r["errors"] for r in payload["concurrency"])
     parts = [
-        "### Flat turns (20-token message, 32-token reply; medians)",
+        "### Flat turns: wall clock at the client (20-token message, 32-token reply; medians)",
         flat_table(payload["turns"]),
+        "### Flat turns: server CPU time per turn",
+        cpu_table(payload["turns"]),
         "### Server memory",
         memory_table(payload["memory"]),
         "### Concurrency",

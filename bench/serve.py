@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import shutil
 import signal
@@ -129,9 +130,10 @@ class Bench:
     # ---- phases -------------------------------------------------------------------------------------
     def flat(self) -> None:
         """One conversation per length. Their warm turns are interleaved (100, 1K, ..., 64K, 100, ...) so
-        that every length sees the same load on this shared machine; then the re-feed baseline takes a turn
-        on each; then, per length, a freshly started server takes the cold turn (its state rebuilt from
-        Redis) and its memory is read: a server that holds just that conversation."""
+        that every length sees the same load on this shared machine. Then per length: the re-feed
+        baseline's turn, a freshly started server's cold turn (state rebuilt from Redis; its memory is
+        read then, a server that holds just that conversation), and one more warm turn right after, so
+        every cold and re-feed turn has a warm turn measured in the same minute."""
         args = self.args
         contexts: dict[int, int] = {}
         with self.start(self.spec("stateful")) as server:
@@ -144,20 +146,18 @@ class Bench:
                     contexts[history] = self.measured(
                         server, sessions[history], "warm", history, contexts[history]
                     )
-            self.redis_scrapes.append((before, server.metrics()))
-        refeed_lengths = [h for h in args.lengths if h <= args.refeed_max]
-        if refeed_lengths:
             with self.start(self.spec("refeed", cache=False)) as refeed:
-                for history in refeed_lengths:
-                    contexts[history] = self.measured(
-                        refeed, sessions[history], "refeed", history, contexts[history]
-                    )
-        for history in args.lengths:
-            with self.start(self.spec("stateful")) as fresh:
-                contexts[history] = self.measured(
-                    fresh, sessions[history], "cold", history, contexts[history]
-                )
-                self.remember(fresh, "stateful", history)
+                for history in args.lengths:
+                    session = sessions[history]
+                    if history <= args.refeed_max:
+                        contexts[history] = self.measured(
+                            refeed, session, "refeed", history, contexts[history]
+                        )
+                    with self.start(self.spec("stateful")) as fresh:
+                        contexts[history] = self.measured(fresh, session, "cold", history, contexts[history])
+                        self.remember(fresh, "stateful", history)
+                    contexts[history] = self.measured(server, session, "warm", history, contexts[history])
+            self.redis_scrapes.append((before, server.metrics()))
 
     def full(self) -> None:
         """The "full" attention checkpoint, warm (its KV state cached) and re-fed every turn."""
@@ -248,6 +248,16 @@ def crowd_row(count: int, records: list[TurnRecord], wall: float, cpu: float) ->
     }
 
 
+def rerender(out: Path, name: str) -> None:
+    """Tables and plots again from a finished run's JSON (e.g. after changing the report)."""
+    path = out / f"{name}.json"
+    payload = json.loads(path.read_text())
+    payload["report"] = report(payload)
+    write_json(path, payload)
+    plots(payload, out, name)
+    print(payload["report"])
+
+
 def delete_keys(url: str, prefix: str) -> None:
     """On a shared Redis, remove this run's keys and only them."""
     import redis
@@ -285,6 +295,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--redis-url", help="use this Redis instead of starting one (keys under bench:...)")
     parser.add_argument("--out", default=str(REPO_ROOT / "bench" / "results"))
     parser.add_argument("--name", default="serve", help="output files: <out>/<name>.json, <name>_*.png")
+    parser.add_argument(
+        "--report-only", action="store_true", help="redo tables and plots of <out>/<name>.json"
+    )
     return parser.parse_args()
 
 
@@ -292,11 +305,20 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the progress
     args = parse_args()
+    if args.report_only:
+        rerender(Path(args.out), args.name)
+        return
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks: stop the servers
     phases = set(args.phases.split(","))
     if "full" in phases and not args.full_model_dir:
         LOG.warning("no --full-model-dir: skipping the full-attention baseline")
         phases.discard("full")
+    # Absolute: the servers run in an empty working directory (no stray .env).
+    args.model_dir = str(Path(args.model_dir).resolve())
+    args.full_model_dir = str(Path(args.full_model_dir).resolve()) if "full" in phases else None
+    for directory in filter(None, (args.model_dir, args.full_model_dir)):
+        if not (Path(directory) / "config.json").is_file():
+            raise SystemExit(f"no checkpoint at {directory}: pass a checkpoint directory (with config.json)")
     workdir = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     redis = None if args.redis_url else EmbeddedRedis(workdir / "data")
     redis_url = args.redis_url or redis.start()  # type: ignore[union-attr]
@@ -306,12 +328,20 @@ def main() -> None:
         for phase in ("flat", "full", "crowd"):
             if phase in phases:
                 getattr(bench, phase)()
+                save(bench, args, time.perf_counter() - started, final=False)  # a later crash keeps this
     finally:
         if redis is not None:
             redis.stop()
         else:
             delete_keys(args.redis_url, bench.prefix)
-    payload = {
+    payload = save(bench, args, time.perf_counter() - started, final=True)
+    print(payload["report"])
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def save(bench: Bench, args: argparse.Namespace, run_s: float, *, final: bool) -> dict[str, Any]:
+    """Write the JSON (with its tables) and, at the end, the plots."""
+    payload: dict[str, Any] = {
         "environment": environment("cpu", args.threads),
         "setup": {
             "message_tokens": MESSAGE_TOKENS,
@@ -319,7 +349,8 @@ def main() -> None:
             "grow_tokens": GROW_TOKENS,
             "model_dir": args.model_dir,
             "full_model_dir": args.full_model_dir,
-            "run_s": time.perf_counter() - started,
+            "run_s": run_s,
+            "complete": final,
             "history_built": "through the websocket API: user messages of up to 4096 tokens, 1-token replies",
         },
         "turns": bench.turns,
@@ -330,9 +361,9 @@ def main() -> None:
     out = Path(args.out)
     payload["report"] = report(payload)
     write_json(out / f"{args.name}.json", payload)
-    plots(payload, out, args.name)
-    print(payload["report"])
-    shutil.rmtree(workdir, ignore_errors=True)
+    if final:
+        plots(payload, out, args.name)
+    return payload
 
 
 if __name__ == "__main__":
