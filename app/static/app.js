@@ -438,16 +438,18 @@
 
   async function start() {
     renderConversations();
+    // Queued at once, not after /v1/models answers: a message sent meanwhile waits for the saved
+    // conversation to be opened instead of finding it without a connection. (A 401 there asks for the key.)
+    const id = currentId;
+    const restoring = id && conversations.some((c) => c.id === id)
+      ? queueSwitch(() => selectConversation(id)) : null;
     try {
       const models = await api("GET", "/v1/models");
       el.modelName.textContent = `model: ${models.data[0].id}`;
     } catch (err) {
       handleError(err);
-      if (err.status === 401) return;
     }
-    if (currentId && conversations.some((c) => c.id === currentId)) {
-      await queueSwitch(() => selectConversation(currentId));
-    }
+    await restoring;
   }
 
   el.composer.addEventListener("submit", (event) => {

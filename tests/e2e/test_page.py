@@ -4,7 +4,11 @@ Send a message and watch it stream, reload and find the history, stop a long rep
 conversations, see model and user text rendered as text, the API-key field, and a clear message when the
 server goes away. Skipped, with the reason, where Chromium or Playwright is missing.
 
-Waits have no time limit (Playwright's default timeout is turned off): pytest-timeout bounds a hung test.
+Every page gets a generous Playwright default timeout (HANG_GUARD_MS): a hang guard, not a performance
+assertion, so a wait for something that never comes fails within minutes, naming what it waited for,
+instead of running into pytest-timeout with no clue. Nothing here waits for a state that may be too short
+to observe: that the reply is on the page while it streams is recorded by a MutationObserver in the page
+(a reply from a warm tiny model can finish between two of Playwright's polls).
 """
 
 from __future__ import annotations
@@ -51,6 +55,8 @@ LAUNCH_ARGS = [
     "--no-first-run",
 ]
 KEY = "page-key"
+# Generous on a shared 2-core machine; only a hang should ever reach it.
+HANG_GUARD_MS = 120_000
 # The page sends no max_tokens: replies run to the server's MAX_NEW_TOKENS (or end-of-turn). Short for
 # most tests; the Stop test's own server allows endless replies.
 SHORT_REPLIES = 24
@@ -94,7 +100,7 @@ def context(browser: Browser) -> Iterator[BrowserContext]:
 
 def open_page(context: BrowserContext, url: str) -> Page:
     opened = context.new_page()
-    opened.set_default_timeout(0)
+    opened.set_default_timeout(HANG_GUARD_MS)
     opened.goto(url)
     return opened
 
@@ -115,6 +121,17 @@ def http(base_url: str) -> Iterator[httpx.Client]:
 def send(page: Page, text: str) -> None:
     page.fill("#input", text)
     page.press("#input", "Enter")
+
+
+# Records the length of the streaming reply's text after every change to the messages, so a test can
+# check afterwards that the reply was on the page, growing, before it finished.
+RECORD_STREAMING = """() => {
+  window.streamedLengths = [];
+  new MutationObserver(() => {
+    const bubble = document.querySelector('.message.assistant.streaming .bubble');
+    if (bubble) window.streamedLengths.push(bubble.textContent.length);
+  }).observe(document.querySelector('#messages'), { childList: true, subtree: true, characterData: true });
+}"""
 
 
 def finished_reply(page: Page, index: int = -1) -> dict[str, str]:
@@ -146,11 +163,13 @@ def test_a_reply_streams_and_the_history_survives_a_reload(page: Page, http: htt
             ),
         ),
     )
-    page.locator("#connection").wait_for()
+    page.evaluate(RECORD_STREAMING)
     send(page, "Hello, page!")
-    page.locator(".message.assistant.streaming").wait_for()  # the reply is on the page while it streams
     reply = finished_reply(page)
     assert len(tokens) > 1 and reply["text"] == "".join(tokens)  # streamed piece by piece
+    streamed = page.evaluate("window.streamedLengths")
+    # The reply was on the page, partly written, while it streamed.
+    assert any(0 < length < len(reply["text"]) for length in streamed), streamed
     session_id = current_session(page)
     record = stored(http, session_id)
     assert [m["content"] for m in record["messages"]] == ["Hello, page!", reply["text"]]
@@ -187,7 +206,7 @@ def test_stop_cancels_a_long_reply(
     require_redis()
     with serving(make_settings(tiny_checkpoint, max_new_tokens=MAX_TOKENS)) as url:
         page = context.new_page()
-        page.set_default_timeout(0)
+        page.set_default_timeout(HANG_GUARD_MS)
         page.route_web_socket(re.compile(r".*/stream(\?.*)?$"), ban_end_of_turn)
         page.goto(url)
         send(page, "Tell me everything.")
@@ -211,6 +230,9 @@ def test_new_chat_switching_and_delete(page: Page, http: httpx.Client) -> None:
     first = current_session(page)
     page.click("#new-chat")
     send(page, "Second chat")  # at once: it must wait for the new chat, not go to the old one
+    # The first chat's finished reply stays on the page until the new chat exists: wait for the message
+    # in the new chat's view before waiting for its reply.
+    page.wait_for_function("() => document.querySelector('.message .bubble')?.textContent === 'Second chat'")
     finished_reply(page)
     second = current_session(page)
     assert second != first
@@ -286,7 +308,7 @@ def test_a_server_that_goes_away_is_reported_and_rejoined(
     settings = make_settings(tiny_checkpoint, max_new_tokens=8)
     port = free_port()
     page = context.new_page()
-    page.set_default_timeout(0)
+    page.set_default_timeout(HANG_GUARD_MS)
     try:
         with serving_on(settings, port) as url:
             page.goto(url)
