@@ -254,6 +254,15 @@ def redis_seconds(scrapes: list[tuple[str, str]]) -> dict[str, dict[str, float]]
     }
 
 
+def gauge(metrics_text: str, name: str) -> float | None:
+    """One unlabelled series' value from a Prometheus text scrape."""
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name == name and not sample.labels:
+                return float(sample.value)
+    return None
+
+
 def _quantile(cumulative: dict[float, float], q: float) -> float:
     bounds = sorted(cumulative)
     total = cumulative[bounds[-1]]

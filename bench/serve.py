@@ -41,6 +41,7 @@ from bench._serve import (
     ServerSpec,
     TurnRecord,
     create_session,
+    gauge,
     redis_seconds,
     run_turn,
 )
@@ -53,6 +54,10 @@ REPLY_TOKENS = 32
 GROW_TOKENS = 4096  # user tokens per history-building message
 TURN_TOKENS = MESSAGE_TOKENS + 3 + REPLY_TOKENS + 1  # role, text, end, assistant prefix, reply, end
 PRIME_TOKENS = 200  # history each concurrent conversation starts with
+STATE_BYTES = "reformer_chat_state_cache_bytes"
+# glibc raises its mmap threshold after big frees, so later big tensors come from (and stay in) the heap:
+# RSS then keeps whatever peak the heap reached. A fixed threshold hands big blocks back on free.
+FIXED_MMAP = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 FULL_CACHE_BYTES = 8 << 30  # a 64K-token "full" state is 256 MiB: cache it, the baseline's best case
 
 
@@ -68,13 +73,22 @@ class Bench:
         self.turns: list[dict[str, Any]] = []
         self.memory: list[dict[str, Any]] = []
         self.concurrency: list[dict[str, Any]] = []
-        self.redis_scrapes: list[tuple[str, str]] = []  # /admin/metrics before and after measured turns
+        # Per group of measured turns: (label, turns, /admin/metrics before, after).
+        self.redis_scrapes: list[tuple[str, int, str, str]] = []
         self._seed = 0
 
-    def spec(self, name: str, *, full: bool = False, cache: bool = True, max_running: int = 16) -> ServerSpec:
+    def spec(
+        self,
+        name: str,
+        *,
+        full: bool = False,
+        cache: bool = True,
+        max_running: int = 16,
+        env: dict[str, str] | None = None,
+    ) -> ServerSpec:
         model_dir = Path(self.args.full_model_dir if full else self.args.model_dir)
         cache_bytes = (FULL_CACHE_BYTES if full else 256 << 20) if cache else 0
-        return ServerSpec(name, model_dir, cache_bytes, self.args.threads, max_running)
+        return ServerSpec(name, model_dir, cache_bytes, self.args.threads, max_running, env or {})
 
     def start(self, spec: ServerSpec) -> ServerProcess:
         LOG.info("starting server %s", spec.name)
@@ -124,8 +138,13 @@ class Bench:
         )
         return context
 
+    def _count(self, mode: str) -> int:
+        return sum(1 for turn in self.turns if turn["mode"] == mode)
+
     def remember(self, server: ServerProcess, mode: str, history: int) -> None:
-        self.memory.append({"mode": mode, "history": history, **server.memory()})
+        """The server's memory, and the bytes of the decode states it caches (the conversation's state)."""
+        state_bytes = gauge(server.metrics(), STATE_BYTES)
+        self.memory.append({"mode": mode, "history": history, **server.memory(), "state_bytes": state_bytes})
 
     # ---- phases -------------------------------------------------------------------------------------
     def flat(self) -> None:
@@ -156,8 +175,15 @@ class Bench:
                     with self.start(self.spec("stateful")) as fresh:
                         contexts[history] = self.measured(fresh, session, "cold", history, contexts[history])
                         self.remember(fresh, "stateful", history)
+                    with self.start(self.spec("stateful-fixed-mmap", env=FIXED_MMAP)) as fresh:
+                        contexts[history] = self.measured(
+                            fresh, session, "cold-fixed-mmap", history, contexts[history]
+                        )
+                        self.remember(fresh, "stateful-fixed-mmap", history)
                     contexts[history] = self.measured(server, session, "warm", history, contexts[history])
-            self.redis_scrapes.append((before, server.metrics()))
+            self.redis_scrapes.append(
+                ("one conversation at a time", self._count("warm"), before, server.metrics())
+            )
 
     def full(self) -> None:
         """The "full" attention checkpoint, warm (its KV state cached) and re-fed every turn."""
@@ -211,7 +237,14 @@ class Bench:
         cpu, started = server.cpu_seconds(), time.perf_counter()
         records = [r for rs in asyncio.run(everyone()) for r in rs]
         wall, cpu = time.perf_counter() - started, server.cpu_seconds() - cpu
-        self.redis_scrapes.append((before, server.metrics()))
+        self.redis_scrapes.append(
+            (
+                f"{count} conversation{'s' if count > 1 else ''} at once",
+                len(records),
+                before,
+                server.metrics(),
+            )
+        )
         row = crowd_row(count, records, wall, cpu)
         LOG.info("%d conversations: %.1f tokens/s, %d errors", count, row["tokens_per_s"], row["errors"])
         return row
@@ -356,7 +389,10 @@ def save(bench: Bench, args: argparse.Namespace, run_s: float, *, final: bool) -
         "turns": bench.turns,
         "memory": bench.memory,
         "concurrency": bench.concurrency,
-        "redis": redis_seconds(bench.redis_scrapes),
+        "redis": [
+            {"label": label, "turns": turns, "operations": redis_seconds([(before, after)])}
+            for label, turns, before, after in bench.redis_scrapes
+        ],
     }
     out = Path(args.out)
     payload["report"] = report(payload)
