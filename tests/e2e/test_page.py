@@ -152,17 +152,37 @@ def stored(http: httpx.Client, session_id: str) -> dict[str, Any]:
     return http.get(f"/v1/sessions/{session_id}").json()
 
 
-def test_a_reply_streams_and_the_history_survives_a_reload(page: Page, http: httpx.Client) -> None:
+def test_a_reply_streams_and_the_history_survives_a_reload(
+    context: BrowserContext, base_url: str, http: httpx.Client, tokenizer: ChatTokenizer
+) -> None:
+    # Greedy with end-of-turn banned, so the reply always has SHORT_REPLIES tokens to stream (a sampled
+    # one may end after a single token); the token frames are recorded on their way to the page.
+    sampling = endless_params(tokenizer, SHORT_REPLIES)
     tokens: list[str] = []
-    page.on(
-        "websocket",
-        lambda ws: ws.on(
-            "framereceived",
-            lambda payload: (
-                tokens.append(json.loads(payload)["text"]) if json.loads(payload)["type"] == "token" else None
-            ),
-        ),
-    )
+
+    def greedy_and_recorded(ws: WebSocketRoute) -> None:
+        server = ws.connect_to_server()
+
+        def to_server(message: str | bytes) -> None:
+            frame = json.loads(message)
+            if frame.get("type") == "message":
+                frame.update(sampling)
+            server.send(json.dumps(frame))
+
+        def to_page(message: str | bytes) -> None:
+            frame = json.loads(message)
+            if frame.get("type") == "token":
+                tokens.append(frame["text"])
+            ws.send(message)
+
+        ws.on_message(to_server)
+        server.on_message(to_page)
+
+    context.add_init_script(PRESET_KEY)
+    page = context.new_page()
+    page.set_default_timeout(HANG_GUARD_MS)
+    page.route_web_socket(re.compile(r".*/stream(\?.*)?$"), greedy_and_recorded)
+    page.goto(base_url)
     page.evaluate(RECORD_STREAMING)
     send(page, "Hello, page!")
     reply = finished_reply(page)
