@@ -259,7 +259,7 @@ def plots(payload: dict[str, Any], out: Path, name: str) -> None:
     modes = ("warm", "cold", *BASELINES)
     memory = {
         mode: [(m["history"], m["rss_bytes"] / MB) for m in payload["memory"] if m["mode"] == mode]
-        for mode in ("stateful", "full")
+        for mode in ("stateful", "stateful-fixed-mmap", "full")
     }
     if turns:
         plot(
@@ -280,8 +280,15 @@ def plots(payload: dict[str, Any], out: Path, name: str) -> None:
             [
                 Panel(
                     "Aggregate generation",
-                    "tokens/s",
-                    {"stateful": [(r["conversations"], r["tokens_per_s"]) for r in crowd]},
+                    "tokens per second",
+                    {
+                        "per wall-clock second": [(r["conversations"], r["tokens_per_s"]) for r in crowd],
+                        "per server CPU second": [
+                            (r["conversations"], r["tokens_per_cpu_s"])
+                            for r in crowd
+                            if r["tokens_per_cpu_s"]
+                        ],
+                    },
                 ),
                 Panel(
                     "Latency percentiles",
