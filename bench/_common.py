@@ -268,7 +268,12 @@ def sweep(
             rows.append(earlier[0])
             on_row(earlier[0])
             continue
-        series = [r for r in rows if (r["model"], r.get("mode")) == (spec["model"], spec.get("mode"))]
+        # Earlier sizes of this series, from this invocation or the run it resumes, smallest first.
+        seen = [r for r in rows + (done or []) if r[x_key] < spec[x_key]]
+        series = sorted(
+            (r for r in seen if (r["model"], r.get("mode")) == (spec["model"], spec.get("mode"))),
+            key=lambda r: r[x_key],
+        )
         x = spec[x_key]
         # Predict CPU seconds (the work), not wall time: on a shared machine wall time is mostly others' load.
         t_pred = extrapolate([(r[x_key], r["cpu_s"]) for r in series if "cpu_s" in r], x)
