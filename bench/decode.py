@@ -282,7 +282,7 @@ def main() -> None:
     panels = [
         Panel("time per generated token (wall)", "ms/token", series("ms_per_token", 1.0)),
         Panel("time per generated token (CPU)", "CPU ms/token", series("cpu_ms_per_token", 1.0)),
-        Panel("prefill throughput", "tokens/s", series("prefill_tok_s", 1.0)),
+        Panel("prefill throughput (per CPU second)", "tokens per CPU s", series("prefill_cpu_tok_s", 1.0)),
         Panel("state per conversation", "MB", series("state_bytes", 2**20)),
     ]
     plot(args.out.with_suffix(".png"), panels, xlabel="history (tokens)")
