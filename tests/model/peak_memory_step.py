@@ -1,12 +1,15 @@
 """Run one training step in this fresh process and print its peak extra memory in bytes (JSON).
 
-Used by test_memory.py: a separate process per measurement, so the high-water mark (ru_maxrss) belongs
-to this step alone. The step's extra = peak RSS during the step - RSS just before it.
+Used by test_memory.py: a separate process per measurement. The step's extra = peak RSS during the
+step - RSS just before it. The peak is the kernel's high-water mark for this process (VmHWM), reset just
+before the step by writing 5 to /proc/self/clear_refs. Not ru_maxrss: Linux carries the parent's
+high-water RSS into a child across fork/exec, so under a large pytest process ru_maxrss measured pytest.
 """
 
 import json
 import resource
 import sys
+from pathlib import Path
 
 import torch
 
@@ -16,6 +19,17 @@ from model import ReformerConfig, ReformerLM
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def _peak_rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def _reset_peak_rss() -> None:
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 def main() -> None:
@@ -40,9 +54,10 @@ def main() -> None:
     model.loss(warm_up, warm_up).backward()  # first-use allocations of autograd and the kernels
     model.zero_grad(set_to_none=False)
     ids = torch.randint(0, 256, (1, length))
+    _reset_peak_rss()
     before = _rss_bytes()
     model.loss(ids, ids).backward()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _peak_rss_bytes()
     print(json.dumps({"extra_bytes": peak - before}))
 
 
