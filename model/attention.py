@@ -103,6 +103,8 @@ class LocalAttention(_QKVAttention):
         """The state's last `window` tokens go in front of the new ones; one chunked pass serves all T."""
         q, k, v = self._project(x, positions)
         T = x.shape[1]
+        if T == 1:
+            return self._merge_heads(self._decode_one(q, k, v, positions, state).to(x.dtype))
         all_k = torch.cat((state.keys, k.to(state.keys.dtype)), dim=2)  # (B, H, W + T, D)
         all_v = torch.cat((state.values, v.to(state.values.dtype)), dim=2)
         all_pos = torch.cat((state.positions, positions), dim=1)  # (B, W + T)
@@ -112,6 +114,23 @@ class LocalAttention(_QKVAttention):
         state.values = all_v[:, :, -self.window :].contiguous()
         state.positions = all_pos[:, -self.window :].contiguous()
         return self._merge_heads(out.to(x.dtype))
+
+    def _decode_one(
+        self, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, state: LocalLayerState
+    ) -> Tensor:
+        """One token: its window is exactly the state (the last `window` tokens) plus itself, so it scores
+        those window + 1 keys directly instead of a chunked pass over 2 x window query slots."""
+        D = q.shape[-1]
+        all_k = torch.cat((state.keys, k.to(state.keys.dtype)), dim=2)  # (B, H, W + 1, D)
+        all_v = torch.cat((state.values, v.to(state.values.dtype)), dim=2)
+        all_pos = torch.cat((state.positions, positions), dim=1)  # (B, W + 1)
+        scores = torch.matmul(q.float(), all_k.float().transpose(-1, -2)) * D**-0.5  # (B, H, 1, W + 1)
+        scores = scores.masked_fill((all_pos < 0)[:, None, None, :], float("-inf"))
+        out = torch.matmul(torch.softmax(scores, dim=-1), all_v.float())  # (B, H, 1, D)
+        state.keys = all_k[:, :, 1:].contiguous()
+        state.values = all_v[:, :, 1:].contiguous()
+        state.positions = all_pos[:, 1:].contiguous()
+        return out
 
 
 class FullAttention(_QKVAttention):

@@ -169,13 +169,24 @@ class LSHAttention(nn.Module):
     def _decode_one(
         self, q: Tensor, k: Tensor, v: Tensor, buckets: Tensor, positions: Tensor, state: LSHLayerState
     ) -> Tensor:
-        """One token: gather its bucket's window directly, no sort. O(bucket_size) per head and round."""
+        """One token: read its bucket's window directly, no sort. O(bucket_size) per head and round.
+
+        The state is viewed as (B * H * R * NB) bucket rows of S slots; each (sequence, head, round) reads
+        and rewrites the one row its token hashed to, by plain row indexing (memcpy-sized, unlike gather).
+        """
         B, H, _, D = q.shape
-        R, S = self.n_hashes, self.bucket_size
-        slot = buckets[..., 0][..., None, None, None].expand(-1, -1, -1, 1, S, D)  # (B, H, R, 1, S, D)
-        window_k = state.keys.gather(3, slot).squeeze(3)  # (B, H, R, S, D)
-        window_v = state.values.gather(3, slot).squeeze(3)
-        window_pos = state.positions.gather(3, slot[..., 0]).squeeze(3)  # (B, H, R, S)
+        R, NB, S = self.n_hashes, self.n_buckets, self.bucket_size
+        if not state.keys.is_contiguous():  # e.g. a state sliced out of a batch: rows must be views
+            state.keys, state.values = state.keys.contiguous(), state.values.contiguous()
+            state.positions = state.positions.contiguous()
+        base = torch.arange(B * H * R, device=q.device) * NB
+        rows = base + buckets.reshape(-1)  # (B*H*R,) one bucket row per sequence, head and round
+        keys = state.keys.view(-1, S, D)
+        values = state.values.view(-1, S, D)
+        slot_pos = state.positions.view(-1, S)
+        window_k = keys[rows].view(B, H, R, S, D)
+        window_v = values[rows].view(B, H, R, S, D)
+        window_pos = slot_pos[rows].view(B, H, R, S)
 
         scores = torch.einsum("bhd,bhrsd->bhrs", q[:, :, 0].float(), window_k.float())  # (B, H, R, S)
         scores = scores.masked_fill(window_pos < 0, float("-inf"))
@@ -183,18 +194,17 @@ class LSHAttention(nn.Module):
         scores = torch.cat((scores, own), dim=-1)  # (B, H, R, S + 1)
         lse = torch.logsumexp(scores, dim=-1, keepdim=True)
         probs = torch.exp(scores - lse)
-        v_new = v[:, :, None].expand(-1, -1, R, -1, -1)  # (B, H, R, 1, D)
-        out = torch.einsum("bhrs,bhrsd->bhrd", probs, torch.cat((window_v, v_new), dim=3).float())
+        v_new = v[:, :, None].expand(-1, -1, R, -1, -1).to(window_v.dtype)  # (B, H, R, 1, D)
+        all_v = torch.cat((window_v, v_new), dim=3)  # (B, H, R, S + 1, D)
+        out = torch.einsum("bhrs,bhrsd->bhrd", probs, all_v.float())
         combined = combine_rounds(out[:, :, :, None].to(v.dtype), lse)  # (B, H, 1, D)
 
         # Append to the bucket: drop its oldest slot, the new token becomes slot S-1.
-        k_new = k[:, :, None].expand(-1, -1, R, -1, -1)
+        k_new = k[:, :, None].expand(-1, -1, R, -1, -1).to(window_k.dtype)
         pos_new = positions[:, None, None, :].expand(B, H, R, 1)
-        state.keys.scatter_(3, slot, torch.cat((window_k[..., 1:, :], k_new), dim=3)[:, :, :, None])
-        state.values.scatter_(3, slot, torch.cat((window_v[..., 1:, :], v_new), dim=3)[:, :, :, None])
-        state.positions.scatter_(
-            3, slot[..., 0], torch.cat((window_pos[..., 1:], pos_new), dim=3)[:, :, :, None]
-        )
+        keys[rows] = torch.cat((window_k[..., 1:, :], k_new), dim=3).view(-1, S, D)
+        values[rows] = all_v[..., 1:, :].reshape(-1, S, D)
+        slot_pos[rows] = torch.cat((window_pos[..., 1:], pos_new), dim=3).view(-1, S)
         return combined
 
     def _decode_many(
@@ -253,9 +263,9 @@ class LSHAttention(nn.Module):
         flat_k.scatter_(3, target[..., None].expand(-1, -1, -1, -1, D), k.to(flat_k.dtype))
         flat_v.scatter_(3, target[..., None].expand(-1, -1, -1, -1, D), v.to(flat_v.dtype))
         flat_pos.scatter_(3, target, pos)
-        state.keys = flat_k[..., :-1, :].reshape(B, H, R, NB, S, D)
-        state.values = flat_v[..., :-1, :].reshape(B, H, R, NB, S, D)
-        state.positions = flat_pos[..., :-1].reshape(B, H, R, NB, S)
+        state.keys = flat_k[..., :-1, :].reshape(B, H, R, NB, S, D).contiguous()
+        state.values = flat_v[..., :-1, :].reshape(B, H, R, NB, S, D).contiguous()
+        state.positions = flat_pos[..., :-1].reshape(B, H, R, NB, S).contiguous()
 
 
 def expected_state_bytes(config: ReformerConfig, dtype: torch.dtype = torch.float32) -> int:
