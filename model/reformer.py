@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from .config import ReformerConfig
+from .linear_cross_entropy import linear_cross_entropy
 from .reversible import ReformerBlock, reversible_forward
 from .state import DecodeState
 
@@ -54,29 +54,19 @@ class ReformerLM(nn.Module):
         return self.head(self.norm(self.hidden_states(input_ids)))
 
     def loss(self, input_ids: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
-        """Mean next-token cross-entropy over targets != ignore_index, computed `loss_chunk_size`
-        positions at a time with recomputation, so the (L, vocab) logits never exist whole."""
+        """Mean next-token cross-entropy over targets != ignore_index. The head's logits are computed
+        `loss_chunk_size` positions at a time, with their gradients taken in the same pass
+        (linear_cross_entropy.py), so the (L, vocab) logits never exist whole nor get recomputed."""
         if targets.shape != input_ids.shape:
             raise ValueError(
                 f"targets {tuple(targets.shape)} must have the shape of input_ids {tuple(input_ids.shape)}"
             )
-        hidden = self.hidden_states(input_ids)
-        total = hidden.new_zeros((), dtype=torch.float32)
-        step = self.config.loss_chunk_size
-        for start in range(0, hidden.shape[1], step):
-            h, t = hidden[:, start : start + step], targets[:, start : start + step]
-            if torch.is_grad_enabled():
-                total = total + checkpoint(self._chunk_loss, h, t, ignore_index, use_reentrant=False)
-            else:
-                total = total + self._chunk_loss(h, t, ignore_index)
+        normed = self.norm(self.hidden_states(input_ids)).flatten(0, 1)  # (B * L, 2 * d_model)
+        total = linear_cross_entropy(
+            normed, self.head.weight, targets.flatten(), self.config.loss_chunk_size, ignore_index
+        )
         count = (targets != ignore_index).sum().clamp(min=1)
         return total / count
-
-    def _chunk_loss(self, hidden: Tensor, targets: Tensor, ignore_index: int) -> Tensor:
-        logits = self.head(self.norm(hidden)).float()  # (B, chunk, vocab)
-        return F.cross_entropy(
-            logits.flatten(0, 1), targets.flatten(), ignore_index=ignore_index, reduction="sum"
-        )
 
     # ---- incremental path -----------------------------------------------------------------------------
     def init_state(self, batch_size: int = 1) -> DecodeState:
