@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import build_attention
+from .autocast import Autocast
 from .config import ReformerConfig
 from .feedforward import ChunkedFeedForward
 
@@ -57,21 +58,6 @@ class BlockRecord:
     buckets: Tensor | None = None
     # The forward pass's autocast setting: recomputing in another precision would give other gradients.
     autocast: Autocast | None = None
-
-
-@dataclass
-class Autocast:
-    device_type: str
-    dtype: torch.dtype
-    enabled: bool
-
-    @classmethod
-    def capture(cls, device: torch.device) -> Autocast:
-        kind = device.type
-        return cls(kind, torch.get_autocast_dtype(kind), torch.is_autocast_enabled(kind))
-
-    def context(self) -> torch.autocast:
-        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
 
 
 class ReformerBlock(nn.Module):
