@@ -125,6 +125,10 @@ def sample_rows(
     logits = logits.float().clone()  # (B, V)
     _apply_logit_bias(logits, [p.logit_bias for p in params])
     _apply_repetition_penalty(logits, [p.repetition_penalty for p in params], history_ids)
+    # Extreme but valid parameters (a bias of 1e38, a penalty of 1e-40) can overflow float32 to inf, and
+    # inf - inf is NaN; clamped, every later step stays finite or -inf.
+    limit = torch.finfo(logits.dtype).max
+    logits.clamp_(-limit, limit)
     picks: list[int] = logits.argmax(dim=-1).tolist()  # the greedy rows' answer
     # Rows with a top-k filter need only their k best tokens (topk is far cheaper than a full sort).
     sampled = [r for r, p in enumerate(params) if p.temperature > 0]
@@ -187,7 +191,11 @@ def _draw(
     """
     device = logits.device
     temperature = torch.tensor([p.temperature for p in params], device=device)[:, None]  # (S, 1)
-    scaled = logits[torch.tensor(rows, device=device)] / temperature  # (S, V)
+    chosen = logits[torch.tensor(rows, device=device)]  # (S, V)
+    # Best logit first brought to 0, so any temperature (1e-45 included) divides into [-inf, 0], never
+    # inf/inf or 0/0: a vanishing temperature becomes the argmax it tends to, not NaN.
+    shifted = chosen - chosen.max(dim=-1, keepdim=True).values
+    scaled = shifted / temperature.clamp(min=torch.finfo(temperature.dtype).tiny)  # (S, V)
     vocab = scaled.shape[-1]
     ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
     if max(ks) < vocab:
@@ -199,6 +207,7 @@ def _draw(
     top_p = torch.tensor([p.top_p for p in params], device=device, dtype=values.dtype)[:, None]  # (S, 1)
     probs = values.softmax(dim=-1)
     drop = (probs.cumsum(dim=-1) - probs >= top_p) & (top_p < 1.0)
+    drop[:, 0] = False  # the best candidate always stays (a top_p of 1e-300 is 0 in float32)
     cdf = values.masked_fill(drop, float("-inf")).softmax(dim=-1).cumsum(dim=-1)  # (S, K)
     total = cdf[:, -1:]
     uniform = torch.cat([torch.rand(1, generator=g, device=device) for g in generators])[:, None]  # (S, 1)

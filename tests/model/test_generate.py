@@ -110,6 +110,27 @@ def test_sample_penalty_divides_positive_and_multiplies_negative_logits() -> Non
     assert sample(both, params, history_ids=[[0], []]).tolist() == [1, 0]
 
 
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=1e-45),  # a float32 denormal: logits / t overflow to +-inf
+        SamplingParams(temperature=1e-300, top_p=0.5),  # 0 in float32
+        SamplingParams(temperature=1.0, top_p=1e-300),  # 0 in float32: the nucleus must keep the best
+        SamplingParams(temperature=1.0, repetition_penalty=1e-40),  # seen logits / 1e-40 -> inf
+        SamplingParams(temperature=1.0, top_k=3, logit_bias={2: 1e38, 4: 1e38}),  # 3.4e38 + 1e38 -> inf
+    ],
+)
+def test_extreme_valid_parameters_still_draw_a_real_token(params: SamplingParams) -> None:
+    """Found by the API fuzzer: such values turned logits into inf - inf = NaN and the draw indexed
+    past the vocabulary (a 500). Tiny temperatures must act as the argmax they tend to."""
+    logits = torch.tensor([[0.5, 2.0, -1.0, 3.0e38, 0.0, 1.5]]).repeat(8, 1)
+    generator = torch.Generator().manual_seed(0)
+    picks = sample(logits, params, generator, history_ids=[[0, 1]] * 8).tolist()
+    assert all(0 <= token < logits.shape[-1] for token in picks)
+    if params.temperature < 1e-30 or params.top_p < 1e-30:
+        assert picks == [3] * 8
+
+
 def test_sample_filters_keep_only_allowed_tokens() -> None:
     logits = torch.tensor([[2.0, 1.9, 1.8, -3.0, -4.0]]).repeat(200, 1)
     generator = torch.Generator().manual_seed(0)
