@@ -53,7 +53,16 @@ async def ready(services: ServicesDep) -> dict[str, Any] | JSONResponse:
     return {"status": "ready", "checks": {"model": "ok", "redis": "ok"}}
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "Prometheus text exposition format",
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+        }
+    },
+)
 async def metrics(services: ServicesDep, _: AdminDep) -> Response:
     return Response(services.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
