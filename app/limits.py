@@ -1,7 +1,8 @@
 """Request body size limit, as plain ASGI middleware so it sees the body before anything parses it.
 
 A Content-Length over the limit is refused at once; a chunked body is counted as it arrives and refused
-when it crosses the limit. Either way the client gets our 413 error shape and nothing is parsed.
+when it crosses the limit. Either way the client gets a 413 and nothing is parsed: in OpenAI's error shape
+on the OpenAI-compatible routes (their SDKs parse it), in ours everywhere else.
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import error_body
+from app.openai_errors import openai_error_body
+
+# Paths served by the OpenAI-compatible router (app/routes/openai.py).
+OPENAI_PATHS = ("/v1/chat/", "/v1/models")
 
 
 class BodySizeLimit:
@@ -28,7 +33,7 @@ class BodySizeLimit:
             return
         for name, value in scope.get("headers", ()):
             if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                await self._refuse(send)
+                await self._refuse(scope, send)
                 return
         seen = 0
 
@@ -44,8 +49,12 @@ class BodySizeLimit:
 
         await self.app(scope, counting_receive, send)
 
-    async def _refuse(self, send: Send) -> None:
-        body = json.dumps(error_body("payload_too_large", self._message())).encode()
+    async def _refuse(self, scope: Scope, send: Send) -> None:
+        if str(scope.get("path", "")).startswith(OPENAI_PATHS):
+            shape = openai_error_body(self._message(), "invalid_request_error", None, "payload_too_large")
+        else:
+            shape = error_body("payload_too_large", self._message())
+        body = json.dumps(shape).encode()
         await send(
             {
                 "type": "http.response.start",

@@ -136,6 +136,15 @@ def test_errors_have_openai_shape_and_status(http: httpx.Client, server: tuple[s
     assert assert_openai_error(refused, 400, "invalid_request")["param"] == "messages[0].content[0]"
     session = http.post("/v1/chat/completions", json=body(http), headers={"X-Session-Id": "bad id!"})
     assert_openai_error(session, 404, "session_not_found")
+    # Over the body limit: refused unread (announced by Content-Length, or counted as it streams in),
+    # still in OpenAI's shape, which the SDKs parse.
+    huge = json.dumps(body(http, messages=[{"role": "user", "content": "x" * 10_000_000}])).encode()
+    announced = http.post("/v1/chat/completions", content=huge, headers={"Content-Type": "application/json"})
+    assert assert_openai_error(announced, 413, "payload_too_large")["type"] == "invalid_request_error"
+    streamed = http.post(
+        "/v1/chat/completions", content=iter([huge]), headers={"Content-Type": "application/json"}
+    )
+    assert_openai_error(streamed, 413, "payload_too_large")
     # The rest of the API keeps its own shape.
     ours = http.get("/v1/sessions/nonexistent-session-id")
     assert set(ours.json()["error"]) == {"code", "message"}
