@@ -13,7 +13,7 @@ def _inputs(n: int, n_buckets: int, seed: int) -> tuple[torch.Tensor, ...]:
     qs, ks, vs = (torch.randn(shape, generator=generator, dtype=torch.float64) for _ in range(3))
     bs = torch.randint(0, n_buckets, shape[:-1], generator=generator).sort(dim=-1).values
     bs[..., -3:] = -1  # a few padding entries, as after a pad to a bucket multiple
-    return tuple(t.requires_grad_() for t in (qs, ks, vs)) + (bs,)
+    return qs.requires_grad_(), ks.requires_grad_(), vs.requires_grad_(), bs
 
 
 @pytest.mark.parametrize("group_scores", [1, 10**9])  # one chunk per group / everything in one group
