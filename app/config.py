@@ -39,6 +39,7 @@ class Settings(BaseSettings):
     model_dir: Path | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     torch_threads: int = Field(default=0, ge=0)
+    malloc_mmap_threshold_bytes: int = Field(default=128 * 1024, ge=0, le=32 * 1024 * 1024)
 
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     admin_token: SecretStr | None = None

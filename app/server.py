@@ -11,6 +11,7 @@ import uvicorn
 
 from app.config import Settings
 from app.main import create_app
+from app.malloc import pin_mmap_threshold
 
 # uvicorn's exit status when the app's startup fails (e.g. MODEL_DIR missing).
 STARTUP_FAILURE = 3
@@ -45,6 +46,7 @@ def run(
     )
     host = settings.host if host is None else host
     port = settings.port if port is None else port
+    pin_mmap_threshold(settings.malloc_mmap_threshold_bytes)
     config = uvicorn.Config(
         create_app(settings),
         host=host,
