@@ -14,18 +14,13 @@ the previous one) with a same-bucket and rank-distance mask. The output at posit
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .autocast import Autocast
 from .config import ReformerConfig
+from .sorted_attention import sorted_chunk_attention
 from .state import LSHLayerState
-
-# Sort key = bucket * _POSITION_SPAN + position; positions stay far below 2**40.
-_POSITION_SPAN = 1 << 40
 
 
 def hash_buckets(qk: Tensor, rotations: Tensor) -> Tensor:
@@ -35,166 +30,6 @@ def hash_buckets(qk: Tensor, rotations: Tensor) -> Tensor:
     """
     rotated = torch.einsum("bhld,hrdk->bhrlk", qk.float(), rotations.float())  # (B, H, R, L, NB/2)
     return torch.cat((rotated, -rotated), dim=-1).argmax(dim=-1)
-
-
-# Score elements (query x key pairs, all batch rows, heads and rounds) one group of chunks may hold at once:
-# ~8 MB of float32 scores, whatever the sequence length.
-_GROUP_SCORES = 1 << 21
-
-
-def sorted_chunk_attention(
-    q: Tensor, k: Tensor, v: Tensor, buckets: Tensor, positions: Tensor, bucket_size: int, self_score: float
-) -> tuple[Tensor, Tensor]:
-    """Attention of every entry over its bucket's `bucket_size` most recent earlier entries.
-
-    q, k, v (B, H, R, N, D); buckets, positions (B, H, R, N). Entries that are not real keys carry a bucket
-    id no real query has (e.g. n_buckets). Returns outputs (B, H, R, N, D) and their logsumexp (B, H, R, N),
-    in the entries' original order.
-    """
-    N, D = q.shape[-2:]
-    S = bucket_size
-    order = (buckets * _POSITION_SPAN + positions).argsort(dim=-1)  # (B, H, R, N)
-    gather = order[..., None].expand(-1, -1, -1, -1, D)
-    qs, ks, vs = q.gather(3, gather), k.gather(3, gather), v.gather(3, gather)  # (B, H, R, N, D)
-    bs = buckets.gather(3, order)  # (B, H, R, N)
-    pad = (-N) % S
-    if pad:
-        qs, ks, vs = (F.pad(t, (0, 0, 0, pad)) for t in (qs, ks, vs))
-        bs = F.pad(bs, (0, pad), value=-1)  # bucket -1: never anyone's bucket
-    out, lse = SortedChunkAttention.apply(qs, ks, vs, bs, S, self_score)
-    out, lse = out[..., :N, :].to(v.dtype), lse[..., :N]
-    # Undo the sort: entry order[n] sits at sorted place n.
-    unsorted_out = torch.empty_like(out).scatter_(3, gather, out)
-    unsorted_lse = torch.empty_like(lse).scatter_(3, order, lse)
-    return unsorted_out, unsorted_lse
-
-
-class SortedChunkAttention(torch.autograd.Function):
-    """Chunked attention over entries already sorted by (bucket, position), a group of chunks at a time.
-
-    qs, ks, vs (B, H, R, n, D) with n a multiple of S = bucket_size; bs (B, H, R, n) their buckets. Each chunk
-    of S queries attends to the previous chunk and itself: same bucket only, at most S places back in the
-    sorted order; its own slot scores `self_score` (a constant), so it wins only when nothing else is there.
-    Returns outputs (B, H, R, n, D) and logsumexps (B, H, R, n) in float32 (float64 for float64 inputs).
-
-    Memory-efficient in the way flash attention is: the forward pass keeps only its inputs, outputs and
-    logsumexps, and the backward pass recomputes one group's scores at a time. The (n x 2S) scores, masks and
-    probabilities never exist for the whole sequence, in either pass.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any, qs: Tensor, ks: Tensor, vs: Tensor, bs: Tensor, bucket_size: int, self_score: float
-    ) -> tuple[Tensor, Tensor]:
-        B, H, R, n, D = qs.shape
-        out = qs.new_empty((B, H, R, n, D), dtype=_exact(qs.dtype))
-        lse = qs.new_empty((B, H, R, n), dtype=_exact(qs.dtype))
-        for first, last in _groups(qs.shape, bucket_size):
-            probs, group_lse, vc = _group_probs(qs, ks, vs, bs, first, last, bucket_size, self_score)
-            rows = slice(first * bucket_size, last * bucket_size)
-            out[..., rows, :] = (probs @ vc).flatten(3, 4)
-            lse[..., rows] = group_lse.flatten(3, 4)
-        ctx.save_for_backward(qs, ks, vs, bs, out, lse)
-        ctx.bucket_size, ctx.self_score = bucket_size, self_score
-        # The backward pass recomputes the probabilities from the saved logsumexps: it must compute the
-        # scores exactly as this pass did, so it re-enters this pass's autocast setting.
-        ctx.autocast = Autocast.capture(qs.device)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx: Any, d_out: Tensor, d_lse: Tensor) -> tuple[Tensor | None, ...]:
-        qs, ks, vs, bs, out, lse = ctx.saved_tensors
-        S = ctx.bucket_size
-        d_q, d_k, d_v = (torch.zeros_like(t, dtype=_exact(t.dtype)) for t in (qs, ks, vs))
-        with ctx.autocast.context():
-            for first, last in _groups(qs.shape, S):
-                rows = slice(first * S, last * S)
-                c = last - first
-                probs, _, vc = _group_probs(qs, ks, vs, bs, first, last, S, ctx.self_score, lse[..., rows])
-                g_out = d_out[..., rows, :].to(out.dtype).unflatten(3, (c, S))  # (B, H, R, c, S, D)
-                # d(score) = p * (d(p) - sum_j p_j d(p_j) + d(lse)); that sum is d_out . out per query.
-                delta = (g_out * out[..., rows, :].unflatten(3, (c, S))).sum(-1, keepdim=True)
-                g_lse = d_lse[..., rows].to(lse.dtype).unflatten(3, (c, S))[..., None]
-                d_scores = probs * (g_out @ vc.transpose(-1, -2) - delta + g_lse)  # (B, H, R, c, S, 2S)
-                d_scores[..., _self_slot(S, qs.device)] = 0.0  # the own slot's score is a constant
-                qc = qs[..., rows, :].to(d_q.dtype).unflatten(3, (c, S))
-                kc = _with_previous(ks, first, last, S, 0.0).to(d_k.dtype)
-                d_q[..., rows, :] = (d_scores @ kc).flatten(3, 4)
-                _fold_into(d_k, d_scores.transpose(-1, -2) @ qc, first, last, S)
-                _fold_into(d_v, probs.transpose(-1, -2) @ g_out, first, last, S)
-        return d_q.to(qs.dtype), d_k.to(ks.dtype), d_v.to(vs.dtype), None, None, None
-
-
-def _exact(dtype: torch.dtype) -> torch.dtype:
-    """The dtype attention scores are accumulated in: float32, or the input's if wider."""
-    return torch.promote_types(dtype, torch.float32)
-
-
-def _groups(shape: torch.Size, bucket_size: int) -> list[tuple[int, int]]:
-    """[first, last) chunk ranges small enough that a group's scores stay near _GROUP_SCORES elements."""
-    B, H, R, n, _ = shape
-    chunks = n // bucket_size
-    size = max(1, _GROUP_SCORES // (B * H * R * bucket_size * 2 * bucket_size))
-    return [(first, min(chunks, first + size)) for first in range(0, chunks, size)]
-
-
-def _with_previous(x: Tensor, first: int, last: int, S: int, fill: float) -> Tensor:
-    """Chunks first..last-1 of x (B, H, R, n, ...), each preceded by the chunk before it (`fill` before
-    chunk 0): (B, H, R, c, 2S, ...)."""
-    c = last - first
-    own = x[:, :, :, first * S : last * S].unflatten(3, (c, S))
-    if first > 0:
-        previous = x[:, :, :, (first - 1) * S : (last - 1) * S].unflatten(3, (c, S))
-    else:
-        before = torch.full_like(x[:, :, :, :S], fill)
-        previous = torch.cat((before, x[:, :, :, : (last - 1) * S]), dim=3).unflatten(3, (c, S))
-    return torch.cat((previous, own), dim=4)
-
-
-def _fold_into(grad: Tensor, chunk_grad: Tensor, first: int, last: int, S: int) -> None:
-    """Add the (B, H, R, c, 2S, D) gradients of chunks' [previous, own] keys into grad (B, H, R, n, D)."""
-    c = last - first
-    grad[..., first * S : last * S, :] += chunk_grad[..., S:, :].flatten(3, 4)
-    if first > 0:
-        grad[..., (first - 1) * S : (last - 1) * S, :] += chunk_grad[..., :S, :].flatten(3, 4)
-    elif c > 1:  # chunk 0's previous chunk is the fill: no gradient
-        grad[..., : (last - 1) * S, :] += chunk_grad[..., 1:, :S, :].flatten(3, 4)
-
-
-def _self_slot(S: int, device: torch.device) -> Tensor:
-    """(S, 2S) True where key j (previous chunk then own chunk) is query i itself."""
-    return torch.arange(2 * S, device=device)[None, :] == torch.arange(S, device=device)[:, None] + S
-
-
-def _group_probs(
-    qs: Tensor,
-    ks: Tensor,
-    vs: Tensor,
-    bs: Tensor,
-    first: int,
-    last: int,
-    S: int,
-    self_score: float,
-    lse: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Chunks first..last-1: attention probabilities (B, H, R, c, S, 2S), logsumexps (B, H, R, c, S) and the
-    chunks' values (B, H, R, c, 2S, D), all in float32 or wider. A known `lse` (B, H, R, c*S) is reused."""
-    c = last - first
-    qc = qs[..., first * S : last * S, :].to(_exact(qs.dtype)).unflatten(3, (c, S))  # (B, H, R, c, S, D)
-    kc = _with_previous(ks, first, last, S, 0.0).to(_exact(ks.dtype))  # (B, H, R, c, 2S, D)
-    vc = _with_previous(vs, first, last, S, 0.0).to(_exact(vs.dtype))
-    bq = bs[..., first * S : last * S].unflatten(3, (c, S))  # (B, H, R, c, S)
-    bk = _with_previous(bs, first, last, S, -1)  # (B, H, R, c, 2S)
-
-    scores = qc @ kc.transpose(-1, -2)  # (B, H, R, c, S, 2S)
-    # Rank distance from query i (own chunk) to key j (previous chunk then own chunk) in the sorted order.
-    distance = torch.arange(S, device=qs.device)[:, None] + S - torch.arange(2 * S, device=qs.device)
-    earlier = (distance > 0) & (distance <= S)  # (S, 2S)
-    scores = scores.masked_fill(~((bq[..., :, None] == bk[..., None, :]) & earlier), float("-inf"))
-    scores[..., distance == 0] = self_score
-    # (B, H, R, c, S)
-    group_lse = torch.logsumexp(scores, dim=-1) if lse is None else lse.unflatten(3, (c, S))
-    return torch.exp(scores - group_lse[..., None]), group_lse, vc
 
 
 def combine_rounds(out: Tensor, lse: Tensor) -> Tensor:
@@ -241,18 +76,11 @@ class LSHAttention(nn.Module):
         qk, keys, v = self._project(x)
         if buckets is None:
             buckets = hash_buckets(qk, self.rotations)
-        R = self.n_hashes
         q = qk * self.d_head**-0.5
-        expand = (-1, -1, R, -1, -1)
         pos = positions[:, None, None, :].expand_as(buckets)
+        # One set of entries (G = 1) that every hash round sorts its own way.
         out, lse = sorted_chunk_attention(
-            q[:, :, None].expand(*expand),
-            keys[:, :, None].expand(*expand),
-            v[:, :, None].expand(*expand),
-            buckets,
-            pos,
-            self.bucket_size,
-            self.self_score,
+            q[:, :, None], keys[:, :, None], v[:, :, None], buckets, pos, self.bucket_size, self.self_score
         )
         return self._merge_heads(combine_rounds(out, lse)), buckets
 
