@@ -4,8 +4,10 @@ Why a child process per measurement: one OOM, crash or hang costs one table cell
 child's peak memory is its own, not inflated by whatever an earlier measurement left in the allocator.
 
 Peak memory on the CPU: the child resets its resident-set high-water mark (``echo 5 >
-/proc/self/clear_refs``, which also resets ``ru_maxrss``), reads its RSS right before the step, runs the step,
-and reports ``ru_maxrss - RSS_before``: the extra resident memory the step needed at its peak. It is measured
+/proc/self/clear_refs``), reads its RSS right before the step, runs the step, and reports ``VmHWM -
+RSS_before`` (from /proc/self/status): the extra resident memory the step needed at its peak. Not
+``ru_maxrss``: Linux carries the parent's high-water mark into a child across fork/exec, so it can never
+read below the launcher's size. It is measured
 on the first (cold) step of a fresh process, because later steps reuse memory that glibc kept from earlier
 ones, which would hide part of the peak. On CUDA: ``max_memory_allocated() - memory_allocated()`` around the
 step, after ``reset_peak_memory_stats()``.
@@ -20,7 +22,6 @@ import logging
 import math
 import os
 import platform
-import resource
 import signal
 import statistics
 import subprocess
@@ -62,12 +63,17 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             return torch.cuda.max_memory_allocated(self.device) - self.baseline
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.baseline
+        return _status_bytes("VmHWM") - self.baseline
 
 
 def _rss_bytes(pid: int | str = "self") -> int:
+    return _status_bytes("VmRSS", pid)
+
+
+def _status_bytes(field: str, pid: int | str = "self") -> int:
+    """A memory field of /proc/<pid>/status (VmRSS, VmHWM, ...) in bytes; 0 if absent."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
     return 0
 
