@@ -16,6 +16,7 @@ from .chunks import with_previous_chunk
 from .config import ReformerConfig
 from .lsh import LSHAttention
 from .positions import Rotary
+from .sorted_attention import window_attention
 from .state import FullLayerState, LocalLayerState
 
 # Position given to padding: later than any real token, so causal masks hide it from every query.
@@ -89,7 +90,7 @@ class LocalAttention(_QKVAttention):
         self, x: Tensor, positions: Tensor, buckets: Tensor | None = None
     ) -> tuple[Tensor, Tensor | None]:
         q, k, v = self._project(x, positions)
-        return self._merge_heads(local_chunk_attention(q, k, v, positions, positions, self.window)), None
+        return self._merge_heads(window_attention(q, k, v, self.window)), None
 
     def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> LocalLayerState:
         shape = (batch_size, self.n_heads, self.window, self.d_head)

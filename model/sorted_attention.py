@@ -53,12 +53,32 @@ def sorted_chunk_attention(
     return out.to(v.dtype), lse
 
 
+def window_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tensor:
+    """Local attention: each position sees itself and the `window` positions before it.
+
+    q, k, v (B, H, N, D) in position order, q not yet scaled -> outputs (B, H, N, D). The same chunked
+    computation as LSH attention with one bucket and the identity order: the same memory-lean backward.
+    """
+    B, H, N, _ = q.shape
+    S = window
+    pad = (-N) % S
+    order = torch.arange(N, device=q.device).expand(B, H, 1, N)
+    source = F.pad(order, (S, pad), value=0)
+    target = F.pad(order, (S, pad), value=N)
+    buckets = F.pad(torch.zeros_like(order), (S, pad), value=-1)
+    scaled = q * q.shape[-1] ** -0.5
+    shared = (scaled[:, :, None], k[:, :, None], v[:, :, None])  # G = R = 1
+    out, _ = ChunkAttention.apply(*shared, source, target, buckets, S, None)
+    return out[:, :, 0].to(v.dtype)
+
+
 class ChunkAttention(torch.autograd.Function):
     """Chunked attention over the sorted order given as indices, a group of chunks at a time.
 
     q, k, v (B, H, G, N, D); source, target (B, H, R, (C+1)*S): for each sorted slot, the entry it reads
     (in q, k, v) and the entry its output belongs to (N = a scratch row); buckets (B, H, R, (C+1)*S) in
-    sorted order. Slot chunk 0 is only ever a previous chunk. Returns outputs (B, H, R, N, D) and
+    sorted order. Slot chunk 0 is only ever a previous chunk. A `self_score` of None lets a query score
+    itself like any key and see S + 1 keys (local attention). Returns outputs (B, H, R, N, D) and
     logsumexps (B, H, R, N) in float32 (float64 for float64 inputs), in the entries' original order.
     """
 
@@ -72,7 +92,7 @@ class ChunkAttention(torch.autograd.Function):
         target: Tensor,
         buckets: Tensor,
         bucket_size: int,
-        self_score: float,
+        self_score: float | None,
     ) -> tuple[Tensor, Tensor]:
         B, H, R, _ = source.shape
         N, D = q.shape[-2:]
@@ -111,7 +131,8 @@ class ChunkAttention(torch.autograd.Function):
                 # d(score) = p * (d(p) - sum_j p_j d(p_j) + d(lse)); that sum is d_out . out per query.
                 delta = (g_out * out[rows.output(owner)].unflatten(3, (c, S))).sum(-1, keepdim=True)
                 d_scores = group.probs * (g_out @ group.values.transpose(-1, -2) - delta + g_lse)
-                d_scores[..., _self_slot(S, q.device)] = 0.0  # the own slot's score is a constant
+                if ctx.self_score is not None:
+                    d_scores[..., _self_slot(S, q.device)] = 0.0  # the own slot's score is a constant
                 d_keys = d_scores.transpose(-1, -2) @ group.q  # (B, H, R, c, 2S, D): previous, own chunk
                 d_values = group.probs.transpose(-1, -2) @ g_out
                 own = source[..., group.queries]
@@ -155,7 +176,7 @@ class _Group:
         first: int,
         last: int,
         S: int,
-        self_score: float,
+        self_score: float | None,
     ) -> None:
         c = last - first
         dtype = _exact(q.dtype)
@@ -172,10 +193,12 @@ class _Group:
         scores = self.q @ self.k.transpose(-1, -2)  # (B, H, R, c, S, 2S)
         # Rank distance from query i (own chunk) to key j (previous chunk then own chunk).
         distance = torch.arange(S, device=q.device)[:, None] + S - torch.arange(2 * S, device=q.device)
-        earlier = (distance > 0) & (distance <= S)  # (S, 2S)
-        visible = (bucket_q[..., :, None] == bucket_k[..., None, :]) & earlier
+        # LSH: the S keys before the query, itself only at a constant score. Local: itself too, by its score.
+        window = (distance > 0) & (distance <= S) if self_score is not None else (distance <= S)
+        visible = (bucket_q[..., :, None] == bucket_k[..., None, :]) & window & (distance >= 0)
         scores = scores.masked_fill(~visible, float("-inf"))
-        scores[..., distance == 0] = self_score
+        if self_score is not None:
+            scores[..., distance == 0] = self_score
         self.lse = torch.logsumexp(scores, dim=-1)  # (B, H, R, c, S)
         self.probs = torch.exp(scores - self.lse[..., None])
 

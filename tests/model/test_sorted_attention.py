@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from model import sorted_attention
-from model.sorted_attention import sorted_chunk_attention
+from model.sorted_attention import sorted_chunk_attention, window_attention
 
 SELF_SCORE = -1e5
 
@@ -54,3 +54,16 @@ def test_matches_dense_attention_with_the_bucket_and_window_mask() -> None:
             expected_lse = torch.logsumexp(scores, dim=-1)
             torch.testing.assert_close(lse[0, h, r], expected_lse)
             torch.testing.assert_close(out[0, h, r], torch.softmax(scores, dim=-1) @ v[0, h, r])
+
+
+def test_window_attention_is_dense_local_attention_with_true_gradients() -> None:
+    """Local layers use the same kernel with one bucket, the identity order and a real self score."""
+    S, n = 4, 14
+    generator = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, 2, n, 3, generator=generator, dtype=torch.float64) for _ in range(3))
+    offset = torch.arange(n)[:, None] - torch.arange(n)[None, :]
+    visible = (offset >= 0) & (offset <= S)  # itself and the S positions before it
+    scores = (q @ k.transpose(-1, -2) * 3**-0.5).masked_fill(~visible, float("-inf"))
+    torch.testing.assert_close(window_attention(q, k, v, S), torch.softmax(scores, dim=-1) @ v)
+    inputs = tuple(t.clone().requires_grad_() for t in (q, k, v))
+    assert torch.autograd.gradcheck(lambda *qkv: window_attention(*qkv, S), inputs, eps=1e-6, atol=1e-5)
