@@ -128,9 +128,10 @@ class LocalAttention(_QKVAttention):
         scores = torch.matmul(q.float(), all_k.float().transpose(-1, -2)) * D**-0.5  # (B, H, 1, W + 1)
         scores = scores.masked_fill((all_pos < 0)[:, None, None, :], float("-inf"))
         out = torch.matmul(torch.softmax(scores, dim=-1), all_v.float())  # (B, H, 1, D)
-        state.keys = all_k[:, :, 1:].contiguous()
-        state.values = all_v[:, :, 1:].contiguous()
-        state.positions = all_pos[:, 1:].contiguous()
+        # Shift the window in place: a state that is a view of a batch pool stays one (no copy back).
+        state.keys.copy_(all_k[:, :, 1:])
+        state.values.copy_(all_v[:, :, 1:])
+        state.positions.copy_(all_pos[:, 1:])
         return out
 
 
