@@ -371,6 +371,8 @@ def environment(device: str, threads: int) -> dict[str, Any]:
         "git_commit": commit,
         "argv": sys.argv,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        # Inherited by every child: a fixed glibc mmap threshold changes what RSS-based peaks measure.
+        "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
     }
 
 
