@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from app.batching import DecodeBatch, SlotBatch, SoloBatch
-from app.engine_requests import GenerationHandle, GenerationRequest, GenerationResult, Job
+from app.engine_requests import GenerationHandle, GenerationRequest, GenerationResult, Job, Outbox
 from app.errors import EngineUnavailable, Overloaded
 from app.metrics import Metrics
 from app.state_cache import StateCache
@@ -110,6 +110,7 @@ class ChatEngine:
         self._count_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._outbox = Outbox()  # flushed after every step and before the thread blocks
 
     # ---- asyncio side -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -157,11 +158,13 @@ class ChatEngine:
             # stop() was called: every request now counts as cancelled and ends at its next step.
             while self._running:
                 self._step()
+        self._outbox.flush()
         self._drain_inbox()
 
     def _admit(self) -> bool:
         """Start queued jobs up to max_running; block while idle. False once stop() was called."""
         while self._running < self._max_running:
+            self._outbox.flush()  # a refused job's result must not wait behind a blocking get
             try:
                 job = self._inbox.get(block=self._running == 0)
             except queue.Empty:
@@ -208,6 +211,7 @@ class ChatEngine:
             if batch.members:
                 self._decode(batch)
         self._batches = [b for b in self._batches if b.members or isinstance(b, SlotBatch)]
+        self._outbox.flush()
 
     def _cancelled(self, run: _Running) -> bool:
         return run.job.handle.cancelled or self._stopping.is_set()
@@ -339,7 +343,7 @@ class ChatEngine:
     def _emit(self, run: _Running, text: str) -> None:
         if text:
             run.pieces.append(text)
-            run.job.post(text)
+            self._outbox.post(run.job, text)
 
     def _finish(self, run: _Running, ending: _Ending, state: DecodeState | None) -> None:
         """Post the result; `state` is the advanced state, or None after an error (it may be half-fed)."""
@@ -367,7 +371,7 @@ class ChatEngine:
         with self._count_lock:
             self._in_flight -= 1
             self._publish_counts()
-        run.job.post(result)
+        self._outbox.post(run.job, result)
 
     def _drain_inbox(self) -> None:
         """At shutdown: requests that never started finish as cancelled with their state untouched."""
