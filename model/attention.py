@@ -12,15 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .chunks import with_previous_chunk
 from .config import ReformerConfig
 from .lsh import LSHAttention
 from .positions import Rotary
 from .sorted_attention import window_attention
 from .state import FullLayerState, LocalLayerState
-
-# Position given to padding: later than any real token, so causal masks hide it from every query.
-_PAD_POSITION = 1 << 50
 
 
 class _QKVAttention(nn.Module):
@@ -46,39 +42,6 @@ class _QKVAttention(nn.Module):
     def _merge_heads(self, out: Tensor) -> Tensor:
         B, H, L, D = out.shape
         return self.to_out(out.transpose(1, 2).reshape(B, L, H * D))  # (B, L, d_model)
-
-
-def local_chunk_attention(
-    q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int
-) -> Tensor:
-    """Each query sees the keys at positions p - window .. p (itself and the previous `window`).
-
-    q, k, v (B, H, N, D) laid out in position order; q_pos, k_pos (B, N), negative = empty slot.
-    Chunks of `window` entries attend to themselves and the previous chunk, which always covers the window.
-    """
-    B, H, N, D = q.shape
-    S = window
-    pad = (-N) % S
-    if pad:
-        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
-        q_pos = F.pad(q_pos, (0, pad), value=_PAD_POSITION)
-        k_pos = F.pad(k_pos, (0, pad), value=_PAD_POSITION)
-    C = (N + pad) // S
-    qc = q.view(B, H, C, S, D)
-    kc = with_previous_chunk(k.view(B, H, C, S, D), 2, 0.0)  # (B, H, C, 2S, D)
-    vc = with_previous_chunk(v.view(B, H, C, S, D), 2, 0.0)
-    qp = q_pos.view(B, 1, C, S)
-    kp = with_previous_chunk(k_pos.view(B, 1, C, S), 2, -1)  # (B, 1, C, 2S)
-
-    offset = qp[..., :, None] - kp[..., None, :]  # (B, 1, C, S, 2S)
-    visible = (kp[..., None, :] >= 0) & (offset >= 0) & (offset <= S)
-    scores = torch.einsum("bhcid,bhcjd->bhcij", qc.float(), kc.float()) * D**-0.5  # (B, H, C, S, 2S)
-    scores = scores.masked_fill(~visible, float("-inf"))
-    # A padded query may see nothing; give it a harmless finite row (its output is dropped).
-    scores = scores.masked_fill(~visible.any(-1, keepdim=True), 0.0)
-    probs = torch.softmax(scores, dim=-1)
-    out = torch.einsum("bhcij,bhcjd->bhcid", probs, vc.float()).to(v.dtype)  # (B, H, C, S, D)
-    return out.reshape(B, H, C * S, D)[:, :, :N]
 
 
 class LocalAttention(_QKVAttention):
@@ -110,7 +73,7 @@ class LocalAttention(_QKVAttention):
         all_v = torch.cat((state.values, v.to(state.values.dtype)), dim=2)
         all_pos = torch.cat((state.positions, positions), dim=1)  # (B, W + T)
         q_all = torch.cat((torch.zeros_like(state.keys), q.to(state.keys.dtype)), dim=2)
-        out = local_chunk_attention(q_all, all_k, all_v, all_pos, all_pos, self.window)[:, :, -T:]
+        out = window_attention(q_all, all_k, all_v, self.window, valid=all_pos >= 0)[:, :, -T:]
         state.keys = all_k[:, :, -self.window :].contiguous()
         state.values = all_v[:, :, -self.window :].contiguous()
         state.positions = all_pos[:, -self.window :].contiguous()

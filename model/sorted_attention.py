@@ -53,11 +53,13 @@ def sorted_chunk_attention(
     return out.to(v.dtype), lse
 
 
-def window_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tensor:
+def window_attention(q: Tensor, k: Tensor, v: Tensor, window: int, valid: Tensor | None = None) -> Tensor:
     """Local attention: each position sees itself and the `window` positions before it.
 
-    q, k, v (B, H, N, D) in position order, q not yet scaled -> outputs (B, H, N, D). The same chunked
-    computation as LSH attention with one bucket and the identity order: the same memory-lean backward.
+    q, k, v (B, H, N, D) in position order (consecutive positions), q not yet scaled -> outputs
+    (B, H, N, D). `valid` (B, N), if given, marks the entries that are real keys: a decode state's empty
+    slots are not (their outputs are meaningless and dropped by the caller). The same chunked computation
+    as LSH attention with one bucket and the identity order: the same memory-lean backward.
     """
     B, H, N, _ = q.shape
     S = window
@@ -65,7 +67,8 @@ def window_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tensor:
     order = torch.arange(N, device=q.device).expand(B, H, 1, N)
     source = F.pad(order, (S, pad), value=0)
     target = F.pad(order, (S, pad), value=N)
-    buckets = F.pad(torch.zeros_like(order), (S, pad), value=-1)
+    real = torch.zeros_like(order) if valid is None else torch.where(valid, 0, -1)[:, None, None, :]
+    buckets = F.pad(real.expand(B, H, 1, N), (S, pad), value=-1)  # bucket -1: seen by no real query
     scaled = q * q.shape[-1] ** -0.5
     shared = (scaled[:, :, None], k[:, :, None], v[:, :, None])  # G = R = 1
     out, _ = ChunkAttention.apply(*shared, source, target, buckets, S, None)
