@@ -152,15 +152,14 @@ def stored(http: httpx.Client, session_id: str) -> dict[str, Any]:
     return http.get(f"/v1/sessions/{session_id}").json()
 
 
-def test_a_reply_streams_and_the_history_survives_a_reload(
-    context: BrowserContext, base_url: str, http: httpx.Client, tokenizer: ChatTokenizer
-) -> None:
-    # Greedy with end-of-turn banned, so the reply always has SHORT_REPLIES tokens to stream (a sampled
-    # one may end after a single token); the token frames are recorded on their way to the page.
-    sampling = endless_params(tokenizer, SHORT_REPLIES)
-    tokens: list[str] = []
+STREAM_URL = re.compile(r".*/stream(\?.*)?$")
 
-    def greedy_and_recorded(ws: WebSocketRoute) -> None:
+
+def route_stream(page: Page, sampling: dict[str, Any], tokens: list[str] | None = None) -> None:
+    """Route the page's websocket through the test: `sampling` fields are added to every message frame
+    the page sends, and the token frames on their way to the page are recorded in `tokens` if given."""
+
+    def handler(ws: WebSocketRoute) -> None:
         server = ws.connect_to_server()
 
         def to_server(message: str | bytes) -> None:
@@ -171,17 +170,27 @@ def test_a_reply_streams_and_the_history_survives_a_reload(
 
         def to_page(message: str | bytes) -> None:
             frame = json.loads(message)
-            if frame.get("type") == "token":
+            if tokens is not None and frame.get("type") == "token":
                 tokens.append(frame["text"])
             ws.send(message)
 
         ws.on_message(to_server)
         server.on_message(to_page)
 
+    page.route_web_socket(STREAM_URL, handler)
+
+
+def test_a_reply_streams_and_the_history_survives_a_reload(
+    context: BrowserContext, base_url: str, http: httpx.Client, tokenizer: ChatTokenizer
+) -> None:
+    # Greedy with end-of-turn banned, so the reply always has SHORT_REPLIES tokens to stream (a sampled
+    # one may end after a single token); the token frames are recorded on their way to the page.
+    sampling = endless_params(tokenizer, SHORT_REPLIES)
+    tokens: list[str] = []
     context.add_init_script(PRESET_KEY)
     page = context.new_page()
     page.set_default_timeout(HANG_GUARD_MS)
-    page.route_web_socket(re.compile(r".*/stream(\?.*)?$"), greedy_and_recorded)
+    route_stream(page, sampling, tokens)
     page.goto(base_url)
     page.evaluate(RECORD_STREAMING)
     send(page, "Hello, page!")
@@ -210,24 +219,12 @@ def test_stop_cancels_a_long_reply(
     context: BrowserContext, tiny_checkpoint: Path, tokenizer: ChatTokenizer
 ) -> None:
     endless = endless_params(tokenizer, MAX_TOKENS)
-
-    def ban_end_of_turn(ws: WebSocketRoute) -> None:
-        # The page's own frames, plus logit_bias against every token that could end the reply.
-        server = ws.connect_to_server()
-
-        def forward(message: str | bytes) -> None:
-            frame = json.loads(message)
-            if frame.get("type") == "message":
-                frame.update(endless)
-            server.send(json.dumps(frame))
-
-        ws.on_message(forward)
-
     require_redis()
     with serving(make_settings(tiny_checkpoint, max_new_tokens=MAX_TOKENS)) as url:
         page = context.new_page()
         page.set_default_timeout(HANG_GUARD_MS)
-        page.route_web_socket(re.compile(r".*/stream(\?.*)?$"), ban_end_of_turn)
+        # logit_bias against every token that could end the reply, added to the page's own frames
+        route_stream(page, endless)
         page.goto(url)
         send(page, "Tell me everything.")
         page.wait_for_function(
