@@ -188,8 +188,9 @@ class _Group:
         self.queries = slice((first + 1) * S, (last + 1) * S)
         keys = slice(first * S, (last + 1) * S)  # c + 1 slot chunks: each query chunk's previous and own
         self.q = q[rows.input(source[..., self.queries])].to(dtype).unflatten(3, (c, S))  # (B, H, R, c, S, D)
-        self.k = _pairs(k[rows.input(source[..., keys])].to(dtype), c, S)  # (B, H, R, c, 2S, D)
-        self.values = _pairs(v[rows.input(source[..., keys])].to(dtype), c, S)
+        key_rows = rows.input(source[..., keys])
+        self.k = _pairs(k[key_rows].to(dtype), c, S)  # (B, H, R, c, 2S, D)
+        self.values = _pairs(v[key_rows].to(dtype), c, S)
         bucket_q = buckets[..., self.queries].unflatten(3, (c, S))  # (B, H, R, c, S)
         bucket_k = _pairs(buckets[..., keys][..., None], c, S)[..., 0]  # (B, H, R, c, 2S)
 
