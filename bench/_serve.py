@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 
 from model import ChatTokenizer
-from model.data import texts
+from model.train.corpus import texts
 
 _URL_LINE = re.compile(r"serving at (http://\S+)")
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")

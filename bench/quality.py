@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from model import ChatTokenizer, ReformerLM, load_checkpoint
-from model.data import conversations
+from model.train.corpus import conversations
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -9,7 +9,7 @@ A checkpoint is a directory that the service can load on its own:
 
 Training-resume state (optimizer moments, scheduler step, RNG states, data position) is large, only useful to
 the trainer, and needs pickle-ish torch.save; it lives apart in `<run dir>/train_state.pt`
-(save_training_state / load_training_state), so a shipped checkpoint stays small and safe to load.
+(model/train/resume.py), so a shipped checkpoint stays small and safe to load.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import dataclasses
 import json
 import logging
 import os
-import random
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -43,7 +42,6 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.model"
 TRAINING_FILE = "training.json"
-TRAIN_STATE_FILE = "train_state.pt"
 
 # Config fields that change how the model runs, not what its weights are: a checkpoint may be loaded with
 # these overridden (e.g. reversible=False or a different ff_chunk_size for serving).
@@ -261,56 +259,3 @@ def update_training_info(path: str | os.PathLike[str], updates: Mapping[str, Any
     tmp = file.with_name(file.name + ".tmp")
     _write_json(tmp, info)
     tmp.replace(file)
-
-
-# ---- training-resume state ----------------------------------------------------------------------------
-def save_training_state(run_dir: str | os.PathLike[str], state: Mapping[str, Any]) -> Path:
-    """Write `<run_dir>/train_state.pt` atomically (temp file + rename).
-
-    The state must hold only tensors, numbers, strings, lists, tuples and dicts, so that loading can use
-    torch.load(weights_only=True) and never unpickle arbitrary objects.
-    """
-    directory = Path(run_dir)
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / TRAIN_STATE_FILE
-    tmp = directory / (TRAIN_STATE_FILE + ".tmp")
-    with open(tmp, "wb") as handle:
-        torch.save(dict(state), handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(target)
-    return target
-
-
-def load_training_state(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read `<run_dir>/train_state.pt`; CheckpointError if it is missing or unreadable."""
-    file = Path(run_dir) / TRAIN_STATE_FILE
-    if not file.is_file():
-        raise CheckpointError(f"{file}: missing; nothing to resume (drop --resume to start a new run)")
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError) as exc:
-        raise CheckpointError(f"{file}: unreadable training state ({exc})") from exc
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{file}: expected a dict, got {type(state).__name__}")
-    return state
-
-
-def capture_rng_state(device: torch.device) -> dict[str, Any]:
-    """This process's random generators (CPU, the training GPU's, Python's), in a weights_only-safe form.
-
-    Restoring them on resume replays exactly the dropout masks the uninterrupted run would have drawn.
-    """
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        "python": random.getstate(),
-    }
-
-
-def restore_rng_state(state: Mapping[str, Any], device: torch.device) -> None:
-    """Undo capture_rng_state: put every generator back where it was."""
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and state.get("cuda") is not None:
-        torch.cuda.set_rng_state(state["cuda"], device)
-    random.setstate(state["python"])

@@ -340,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    from model.data import texts
+    from model.train.corpus import texts
 
     try:
         tokenizer = ChatTokenizer.train(texts("train"), args.out, vocab_size=args.vocab_size)

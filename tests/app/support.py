@@ -30,9 +30,9 @@ from app.main import create_app
 from app.server import bound_url
 from model.checkpoint import save_checkpoint
 from model.config import ReformerConfig
-from model.data import texts
 from model.reformer import ReformerLM
 from model.tokenizer import ChatTokenizer
+from model.train.corpus import texts
 
 # CI's Redis; DB 9 and a random key prefix per test keep clear of everyone else's keys.
 TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/9")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from model.data import texts
 from model.tokenizer import ChatTokenizer
+from model.train.corpus import texts
 
 # A small vocabulary keeps the tokenizer (and any model built on it) tiny; the default 8000 is for real
 # training. 20 K turns of the train split are enough text to learn that many pieces in about a second.

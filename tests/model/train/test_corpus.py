@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from model.data import (
+from model.train.corpus import (
     SPLITS,
     conversation_ids,
     conversations,

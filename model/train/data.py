@@ -1,8 +1,8 @@
 """From the corpus to cached token streams for training: tokenizer, chat template, both role orientations.
 
-Each conversation is encoded twice, as it happened and with user and assistant swapped (data.swap_roles), so
-every utterance of the corpus is once an assistant reply: the model learns to answer from both sides of
-every chat, which doubles the reply data of a small corpus.
+Each conversation is encoded twice, as it happened and with user and assistant swapped
+(corpus.swap_roles), so every utterance of the corpus is once an assistant reply: the model learns to
+answer from both sides of every chat, which doubles the reply data of a small corpus.
 
 Tokenising the corpus takes far longer than loading arrays, so each split's token stream is cached in the
 run directory under a name that hashes everything it depends on (tokenizer file, split, conversation limit,
@@ -20,31 +20,31 @@ from pathlib import Path
 
 import numpy as np
 
-from model import data
-from model.data import Message, Split
-from model.packing import CORPUS_CACHE_VERSION, PackedEpochs, PackedWindows, TokenizedCorpus
 from model.tokenizer import ChatTokenizer
-from model.train_dist import DistContext
-from model.train_options import TrainOptions
+from model.train import corpus
+from model.train.corpus import Message, Split
+from model.train.distributed import DistContext
+from model.train.options import TrainOptions
+from model.train.packing import CORPUS_CACHE_VERSION, PackedEpochs, PackedWindows, TokenizedCorpus
 
 logger = logging.getLogger(__name__)
 
 
 def load_conversations(split: Split, limit: int | None) -> list[list[Message]]:
     """The split's conversations in their fixed order, only the first `limit` when given (for tests)."""
-    conversations = data.conversations(split)
+    conversations = corpus.conversations(split)
     if limit is not None:
         if limit < 1:
             raise ValueError(f"--data-limit must be >= 1 conversation, got {limit}")
         conversations = conversations[:limit]
     if not conversations:
-        raise ValueError(f"the {split} split has no conversations: check model.data")
+        raise ValueError(f"the {split} split has no conversations: check model.train.corpus")
     return conversations
 
 
 def both_orientations(conversations: list[list[Message]]) -> list[list[Message]]:
     """Each conversation as it happened, followed by its role-swapped twin."""
-    return [oriented for conv in conversations for oriented in (conv, data.swap_roles(conv))]
+    return [oriented for conv in conversations for oriented in (conv, corpus.swap_roles(conv))]
 
 
 def prepare_tokenizer(
@@ -113,13 +113,13 @@ def build_corpus(
     if conversations is None:
         conversations = load_conversations(split, limit)
     tokenizer = ChatTokenizer.load(tokenizer_file)
-    corpus = tokenize_conversations(tokenizer, conversations)
-    corpus.save(path)
+    tokenized = tokenize_conversations(tokenizer, conversations)
+    tokenized.save(path)
     logger.info(
         "%s split: %d conversations (x2 orientations) -> %d tokens, cached at %s",
         split,
         len(conversations),
-        corpus.num_tokens,
+        tokenized.num_tokens,
         path,
     )
     return path

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model.packing import (
+from model.train.packing import (
     CORPUS_CACHE_VERSION,
     PackedEpochs,
     PackedWindows,

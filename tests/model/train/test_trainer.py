@@ -19,15 +19,16 @@ from typing import Any
 import pytest
 import torch
 
-from model.checkpoint import CheckpointError, load_checkpoint, load_training_state, read_training_info
+from model.checkpoint import CheckpointError, load_checkpoint, read_training_info
 from model.config import ReformerConfig
 from model.reformer import ReformerLM
 from model.tokenizer import ChatTokenizer
-from model.train import Trainer, main
-from model.train_dist import init_distributed
-from model.train_metrics import MetricsLog
-from model.train_optim import WarmupCosine, build_optimizer
-from model.train_options import TrainOptions, parse_options
+from model.train.distributed import init_distributed
+from model.train.metrics import MetricsLog
+from model.train.optim import WarmupCosine, build_optimizer
+from model.train.options import TrainOptions, parse_options
+from model.train.resume import load_training_state
+from model.train.trainer import Trainer, main
 
 
 def _args(out: Path, tokenizer: Path, *extra: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""The optimiser and learning-rate schedule of model/train.py.
+"""The optimiser and learning-rate schedule of the trainer (model/train/trainer.py).
 
 AdamW with weight decay on matrices only: decay pulls weights towards zero, which regularises the
 matrices that mix features (projections, embeddings, head) but only fights LayerNorm gains and biases,

@@ -11,7 +11,7 @@ Choices, and why:
   new. Predicting the role and end-of-turn tokens also teaches the model when a turn ends.
 - **The global batch is fixed by --batch-size** whatever the number of processes; rank r takes the r-th
   contiguous block of every step's batch, so one process and N processes follow the same trajectory.
-- **The batch of step s is a function of (seed, s)** (model/packing.py), and train_state.pt holds the
+- **The batch of step s is a function of (seed, s)** (model/train/packing.py), and train_state.pt holds the
   weights, optimizer, step, elapsed time and every rank's RNG state: `--resume` continues exactly where the
   interrupted run stopped.
 - **RUN_DIR/checkpoint is the best checkpoint so far** (lowest validation loss), written at each evaluation
@@ -43,25 +43,23 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from model.checkpoint import (
+from model.checkpoint import WEIGHTS_FILE, save_checkpoint, update_training_info
+from model.config import ReformerConfig
+from model.reformer import ReformerLM
+from model.train.data import prepare_run_data
+from model.train.distributed import DistContext, init_distributed
+from model.train.metrics import MetricsLog, plot_loss_curve
+from model.train.optim import WarmupCosine, build_optimizer
+from model.train.options import TrainOptions, parse_options
+from model.train.packing import PackedWindows
+from model.train.resume import (
     TRAIN_STATE_FILE,
-    WEIGHTS_FILE,
     capture_rng_state,
     load_training_state,
     restore_rng_state,
-    save_checkpoint,
     save_training_state,
-    update_training_info,
 )
-from model.config import ReformerConfig
-from model.packing import PackedWindows
-from model.reformer import ReformerLM
-from model.train_data import prepare_run_data
-from model.train_dist import DistContext, init_distributed
-from model.train_metrics import MetricsLog, plot_loss_curve
-from model.train_optim import WarmupCosine, build_optimizer
-from model.train_options import TrainOptions, parse_options
-from model.train_signals import StopSignal
+from model.train.signals import StopSignal
 
 logger = logging.getLogger("model.train")
 
