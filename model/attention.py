@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .chunked_attention import window_attention
 from .config import ReformerConfig
 from .lsh import LSHAttention
 from .positions import Rotary
-from .sorted_attention import window_attention
 from .state import FullLayerState, LocalLayerState
 
 

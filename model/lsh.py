@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .chunked_attention import sorted_chunk_attention
 from .config import ReformerConfig
-from .sorted_attention import sorted_chunk_attention
 from .state import LSHLayerState
 
 

@@ -6,9 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .block import ReformerBlock
 from .config import ReformerConfig
 from .linear_cross_entropy import linear_cross_entropy
-from .reversible import ReformerBlock, reversible_forward
+from .reversible import reversible_forward
 from .state import DecodeState
 
 

@@ -1,4 +1,4 @@
-"""Reversible residual blocks: y1 = x1 + f(x2), y2 = x2 + g(y1).
+"""Reversible execution of residual blocks (y1 = x1 + f(x2), y2 = x2 + g(y1); the block is model/block.py).
 
 In reversible mode the forward pass stores no activations: the backward pass walks the blocks from the
 top, recovering each block's inputs from its outputs (x2 = y2 - g(y1), x1 = y1 - f(x2)) and recomputing
@@ -13,16 +13,15 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from .attention import build_attention
 from .autocast import Autocast
-from .config import ReformerConfig
-from .feedforward import ChunkedFeedForward
+
+if TYPE_CHECKING:
+    from .block import ReformerBlock
 
 
 @dataclass
@@ -58,63 +57,6 @@ class BlockRecord:
     buckets: Tensor | None = None
     # The forward pass's autocast setting: recomputing in another precision would give other gradients.
     autocast: Autocast | None = None
-
-
-class ReformerBlock(nn.Module):
-    def __init__(self, config: ReformerConfig, kind: str) -> None:
-        super().__init__()
-        self.kind = kind
-        self.attn_norm = nn.LayerNorm(config.d_model)
-        self.attn = build_attention(kind, config)
-        self.ff = ChunkedFeedForward(config)
-        self.dropout = config.dropout
-
-    def f(self, x2: Tensor, positions: Tensor, buckets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        out, buckets = self.attn(self.attn_norm(x2), positions, buckets)
-        return F.dropout(out, self.dropout, self.training), buckets
-
-    def forward(self, x1: Tensor, x2: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
-        y1 = x1 + self.f(x2, positions)[0]
-        y2 = x2 + self.ff(y1)
-        return y1, y2
-
-    def forward_recorded(
-        self, x1: Tensor, x2: Tensor, positions: Tensor, record: BlockRecord
-    ) -> tuple[Tensor, Tensor]:
-        """forward(), remembering what the backward recomputation must replay."""
-        record.autocast = Autocast.capture(x2.device)
-        record.rng_f = RNGState.capture(x2.device)
-        f_out, record.buckets = self.f(x2, positions)
-        y1 = x1 + f_out
-        record.rng_g = RNGState.capture(y1.device)
-        y2 = x2 + self.ff(y1)
-        return y1, y2
-
-    def backward_pass(
-        self, y1: Tensor, y2: Tensor, dy1: Tensor, dy2: Tensor, positions: Tensor, record: BlockRecord
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """From outputs and their gradients to inputs and theirs; parameter gradients accumulate in .grad."""
-        if record.rng_f is None or record.rng_g is None or record.autocast is None:
-            raise RuntimeError("backward_pass needs the record that forward_recorded filled in")
-        # g, chunk by chunk in the forward pass's order: the d_ff activation exists for one chunk at a time.
-        y1 = y1.detach().requires_grad_()
-        g_chunks = []
-        with record.rng_g.replay(), record.autocast.context(), torch.enable_grad():
-            for y1_chunk, dy2_chunk in zip(self.ff.chunks(y1), self.ff.chunks(dy2), strict=True):
-                g_chunk = self.ff.forward_chunk(y1_chunk)
-                torch.autograd.backward(g_chunk, dy2_chunk)
-                g_chunks.append(g_chunk.detach())
-        with torch.no_grad():
-            x2 = y2 - torch.cat(g_chunks, dim=1)  # x2 = y2 - g(y1)
-            dy1 = dy1 + y1.grad  # total gradient reaching y1: directly and through g
-        x2 = x2.detach().requires_grad_()
-        with record.rng_f.replay(), record.autocast.context(), torch.enable_grad():
-            f_out, _ = self.f(x2, positions, record.buckets)
-            torch.autograd.backward(f_out, dy1)
-        with torch.no_grad():
-            x1 = y1 - f_out  # x1 = y1 - f(x2)
-            dx2 = dy2 + x2.grad
-        return x1.detach(), x2.detach(), dy1, dx2
 
 
 @dataclass
@@ -157,4 +99,4 @@ def reversible_forward(
     return _ReversibleFunction.apply(x1, x2, ReversibleRun(blocks, positions))
 
 
-__all__ = ["Autocast", "BlockRecord", "RNGState", "ReformerBlock", "ReversibleRun", "reversible_forward"]
+__all__ = ["BlockRecord", "RNGState", "ReversibleRun", "reversible_forward"]

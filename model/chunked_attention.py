@@ -1,9 +1,12 @@
-"""The core of LSH attention: chunked attention over entries sorted by (bucket, position).
+"""The chunked attention kernel behind LSH layers and local windows.
 
-Sorting every (head, round)'s entries by (bucket, position) puts each query's candidate keys right before
-it, within `bucket_size` places. So attention is chunked: each chunk of S = bucket_size sorted queries
-attends to the previous chunk and itself, same bucket only, at most S places back; a query's own slot
-scores a constant (`self_score`), so it wins only when nothing else is there.
+LSH (sorted_chunk_attention): sorting every (head, round)'s entries by (bucket, position) puts each query's
+candidate keys right before it, within `bucket_size` places. So attention is chunked: each chunk of
+S = bucket_size sorted queries attends to the previous chunk and itself, same bucket only, at most S places
+back; a query's own slot scores a constant (`self_score`), so it wins only when nothing else is there.
+
+Local windows (window_attention) are the same computation with one bucket and the identity order: each
+position sees itself (by its score) and the `window` positions before it.
 
 `ChunkAttention` does this without ever materialising the sorted copies of q, k and v or the (n x 2S)
 scores for the whole sequence: it works one group of chunks at a time (~8 MB of scores), gathers that

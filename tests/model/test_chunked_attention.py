@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from model import sorted_attention
-from model.sorted_attention import sorted_chunk_attention, window_attention
+from model import chunked_attention
+from model.chunked_attention import sorted_chunk_attention, window_attention
 
 SELF_SCORE = -1e5
 
@@ -26,7 +26,7 @@ def _inputs(n: int, shared: bool, seed: int) -> tuple[torch.Tensor, ...]:
 def test_gradients_match_finite_differences(
     monkeypatch: pytest.MonkeyPatch, group_scores: int, n: int, shared: bool
 ) -> None:
-    monkeypatch.setattr(sorted_attention, "_GROUP_SCORES", group_scores)
+    monkeypatch.setattr(chunked_attention, "_GROUP_SCORES", group_scores)
     q, k, v, buckets, positions = _inputs(n, shared, seed=n)
 
     def attention(*qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
