@@ -204,9 +204,3 @@ class LSHAttention(nn.Module):
         state.keys = flat_k[..., :-1, :].reshape(B, H, R, NB, S, D).contiguous()
         state.values = flat_v[..., :-1, :].reshape(B, H, R, NB, S, D).contiguous()
         state.positions = flat_pos[..., :-1].reshape(B, H, R, NB, S).contiguous()
-
-
-def expected_state_bytes(config: ReformerConfig, dtype: torch.dtype = torch.float32) -> int:
-    """Bytes of one LSH layer's decode state for one sequence (keys, values, positions)."""
-    slots = config.n_heads * config.n_hashes * config.n_buckets * config.bucket_size
-    return slots * (2 * config.d_head * torch.finfo(dtype).bits // 8 + 8)

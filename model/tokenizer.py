@@ -40,12 +40,10 @@ import sentencepiece as spm
 logger = logging.getLogger(__name__)
 
 PAD = "<pad>"
-UNK = "<unk>"
 SYSTEM = "<|system|>"
 USER = "<|user|>"
 ASSISTANT = "<|assistant|>"
 END = "<|end|>"
-_ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
 
 # pad 0 so that zero-filled batches are padding; unk 1 (SentencePiece requires one, byte fallback means
 # encode never emits it); then the four control symbols, the 256 byte pieces, then learned pieces.
