@@ -66,12 +66,19 @@ class ReformerBlock(nn.Module):
                 g_chunks.append(g_chunk.detach())
         with torch.no_grad():
             x2 = y2 - torch.cat(g_chunks, dim=1)  # x2 = y2 - g(y1)
-            dy1 = dy1 + y1.grad  # total gradient reaching y1: directly and through g
+            dy1 = dy1 + _grad(y1)  # total gradient reaching y1: directly and through g
         x2 = x2.detach().requires_grad_()
         with record.rng_f.replay(), record.autocast.context(), torch.enable_grad():
             f_out, _ = self.f(x2, positions, record.buckets)
             torch.autograd.backward(f_out, dy1)
         with torch.no_grad():
             x1 = y1 - f_out  # x1 = y1 - f(x2)
-            dx2 = dy2 + x2.grad
+            dx2 = dy2 + _grad(x2)
         return x1.detach(), x2.detach(), dy1, dx2
+
+
+def _grad(t: Tensor) -> Tensor:
+    """The gradient the recomputation just accumulated into a leaf it made."""
+    if t.grad is None:
+        raise RuntimeError("the recomputed sub-layer did not reach its input: nothing to reverse")
+    return t.grad

@@ -9,7 +9,7 @@ within one decode step.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -175,9 +175,9 @@ def _apply_repetition_penalty(
     if rows:
         device = logits.device
         index = (torch.tensor(rows, device=device), torch.tensor(tokens, device=device))
-        penalty = torch.tensor(factors, device=device, dtype=logits.dtype)
+        factor = torch.tensor(factors, device=device, dtype=logits.dtype)
         seen_logits = logits[index]
-        logits[index] = torch.where(seen_logits > 0, seen_logits / penalty, seen_logits * penalty)
+        logits[index] = torch.where(seen_logits > 0, seen_logits / factor, seen_logits * factor)
 
 
 def _draw(
@@ -255,7 +255,7 @@ def generate(
     should_stop: Callable[[], bool] = lambda: False,
     generator: torch.Generator | None = None,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-) -> Iterator[int]:
+) -> Generator[int, None, FinishReason]:
     """Yield reply token ids for one sequence; the generator's return value is the FinishReason.
 
     `state` must be batch-size 1 and is advanced in place: after the loop it has seen the prompt and every

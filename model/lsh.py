@@ -42,6 +42,8 @@ def combine_rounds(out: Tensor, lse: Tensor) -> Tensor:
 
 
 class LSHAttention(nn.Module):
+    rotations: Tensor  # (H, R, D, NB/2), a buffer
+
     def __init__(self, config: ReformerConfig) -> None:
         super().__init__()
         self.n_heads, self.d_head = config.n_heads, config.d_head

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .attention import Attention, FullAttention, LocalAttention
 from .block import ReformerBlock
 from .config import ReformerConfig
 from .linear_cross_entropy import linear_cross_entropy
+from .lsh import LSHAttention
 from .reversible import reversible_forward
-from .state import DecodeState
+from .state import DecodeState, FullLayerState, LayerState, LocalLayerState, LSHLayerState
 
 
 class ReformerLM(nn.Module):
@@ -31,6 +35,10 @@ class ReformerLM(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    def _block_list(self) -> list[ReformerBlock]:
+        # nn.ModuleList is untyped (its items are nn.Module); every item is a ReformerBlock.
+        return cast(list[ReformerBlock], list(self.blocks))
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
@@ -41,7 +49,7 @@ class ReformerLM(nn.Module):
         B, L = input_ids.shape
         positions = torch.arange(L, device=input_ids.device).expand(B, L)  # (B, L)
         x = F.dropout(self.embed(input_ids), self.config.dropout, self.training)  # (B, L, d_model)
-        blocks = list(self.blocks)
+        blocks = self._block_list()
         if self.config.reversible and torch.is_grad_enabled():
             x1, x2 = reversible_forward(blocks, x, x, positions)
         else:
@@ -75,7 +83,9 @@ class ReformerLM(nn.Module):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         weight = self.embed.weight
-        layers = [block.attn.init_state(batch_size, weight.device, weight.dtype) for block in self.blocks]
+        layers = [
+            block.attn.init_state(batch_size, weight.device, weight.dtype) for block in self._block_list()
+        ]
         return DecodeState(layers, torch.zeros(batch_size, dtype=torch.long, device=weight.device))
 
     def decode(self, input_ids: Tensor, state: DecodeState) -> Tensor:
@@ -88,13 +98,28 @@ class ReformerLM(nn.Module):
         positions = state.length[:, None] + torch.arange(T, device=input_ids.device)  # (B, T)
         x = F.dropout(self.embed(input_ids), self.config.dropout, self.training)
         x1, x2 = x, x
-        for block, layer_state in zip(self.blocks, state.layers, strict=True):
+        for block, layer_state in zip(self._block_list(), state.layers, strict=True):
             # y1 = x1 + f(x2); y2 = x2 + g(y1)
-            attn_out = block.attn.decode(block.attn_norm(x2), positions, layer_state)
+            attn_out = _decode_attention(block.attn, block.attn_norm(x2), positions, layer_state)
             x1 = x1 + F.dropout(attn_out, self.config.dropout, self.training)
             x2 = x2 + block.ff(x1)
         state.length += T
         return self.head(self.norm(torch.cat((x1, x2), dim=-1)))
+
+
+def _decode_attention(attn: Attention, x: Tensor, positions: Tensor, state: LayerState) -> Tensor:
+    """attn.decode with the state of attn's own kind (init_state pairs them layer by layer); a state of
+    another kind means it was built by a model with another layer layout."""
+    if isinstance(attn, LSHAttention) and isinstance(state, LSHLayerState):
+        return attn.decode(x, positions, state)
+    if isinstance(attn, LocalAttention) and isinstance(state, LocalLayerState):
+        return attn.decode(x, positions, state)
+    if isinstance(attn, FullAttention) and isinstance(state, FullLayerState):
+        return attn.decode(x, positions, state)
+    raise TypeError(
+        f"a {type(state).__name__} cannot feed a {type(attn).__name__} layer: the decode state was built "
+        "by a model with another layer layout; build it with this model's init_state()"
+    )
 
 
 def _check_ids(input_ids: Tensor, vocab_size: int) -> None:

@@ -118,8 +118,5 @@ class DecodeState:
         n_layers = {len(s.layers) for s in states}
         if len(n_layers) > 1:
             raise ValueError(f"states come from models with different depths: {sorted(n_layers)}")
-        layers = [
-            type(group[0]).cat(list(group))  # type: ignore[arg-type]
-            for group in zip(*(s.layers for s in states), strict=True)
-        ]
+        layers = [type(group[0]).cat(list(group)) for group in zip(*(s.layers for s in states), strict=True)]
         return DecodeState(layers, torch.cat([s.length for s in states]))

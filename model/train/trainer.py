@@ -155,11 +155,12 @@ class Trainer:
             # Same initial weights on every rank (seeded above); a distinct dropout stream per rank.
             torch.manual_seed(_derived_seed(opts.seed, self.ctx.rank))
         module: nn.Module = _LossModule(self.model)
+        self.ddp: DistributedDataParallel | None = None
         if self.ctx.distributed:
             # static_graph: the reversible backward and the chunked feed-forward accumulate some parameters'
             # gradients several times per step (re-entrant backward), which DDP supports only in this mode.
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            module = DistributedDataParallel(module, device_ids=device_ids, static_graph=True)
+            module = self.ddp = DistributedDataParallel(module, device_ids=device_ids, static_graph=True)
         self.train_module = module
         self._ddp_warm = False
         if self.ctx.is_main:
@@ -188,8 +189,8 @@ class Trainer:
             last = index == len(micro_batches) - 1
             # Gradients are averaged over ranks only on the last micro-batch; the others just accumulate.
             # Not in this process's first step: DDP's static graph is recorded then, and must see a sync.
-            skip_sync = ctx.distributed and not last and self._ddp_warm
-            with self.train_module.no_sync() if skip_sync else contextlib.nullcontext():
+            ddp = self.ddp if not last and self._ddp_warm else None
+            with ddp.no_sync() if ddp is not None else contextlib.nullcontext():
                 with self._autocast():
                     loss = self.train_module(micro[:, :-1], micro[:, 1:]) / len(micro_batches)
                 loss.backward()
