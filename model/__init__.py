@@ -1,7 +1,10 @@
 """The Reformer language model; knows nothing of HTTP or Redis.
 
-Public face: ReformerConfig, ReformerLM, DecodeState, load_checkpoint (-> model, tokenizer), and the
-generation steps (SamplingParams, sample, sample_rows, prefill, decode_step, generate) the service builds on.
+Public face, what the service builds on: ReformerConfig, ReformerLM, DecodeState; checkpoints
+(load_checkpoint -> (model, tokenizer), save_checkpoint, CheckpointError); the tokenizer (ChatTokenizer,
+StreamDecoder); and generation in steps (SamplingParams, FinishReason, StopStringMatcher, sample,
+sample_rows, prefill, decode_step, generate, DEFAULT_PREFILL_CHUNK). Training is model.train, which nothing
+here imports. The design and the properties the tests check: docs/DESIGN.md.
 """
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint

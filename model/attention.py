@@ -45,6 +45,8 @@ class _QKVAttention(nn.Module):
 
 
 class LocalAttention(_QKVAttention):
+    """Each token attends to itself and the previous `bucket_size` tokens; state: that window."""
+
     def __init__(self, config: ReformerConfig) -> None:
         super().__init__(config)
         self.window = config.bucket_size
@@ -64,7 +66,11 @@ class LocalAttention(_QKVAttention):
         )
 
     def decode(self, x: Tensor, positions: Tensor, state: LocalLayerState) -> Tensor:
-        """The state's last `window` tokens go in front of the new ones; one chunked pass serves all T."""
+        """New tokens x (B, T, d_model) after the state's last `window` tokens; updates `state`.
+
+        One token scores the state's window plus itself directly (_decode_one); T > 1 puts the state's
+        tokens in front of the new ones and runs one chunked pass (window_attention) for all T.
+        """
         q, k, v = self._project(x, positions)
         T = x.shape[1]
         if T == 1:

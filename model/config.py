@@ -150,10 +150,9 @@ class ReformerConfig:
     def small(cls, vocab_size: int = 4096, **overrides: Any) -> ReformerConfig:
         """The shipped CPU-trained chat model (about 2.3 M parameters).
 
-        Sized for its budget: about 80 minutes on one CPU core sees ~5 M tokens, and at that budget a
-        smaller model reaches a lower loss than a wider one that sees fewer tokens (at d_model 256 and an
-        8 K vocabulary the same time buys a third of the tokens). Capacity: 64 x 32 = 2,048 past tokens per
-        LSH head and round.
+        Sized for its training budget on a CPU: at a fixed time a smaller model that sees more tokens reaches
+        a lower loss than a wider one that sees fewer (the budget and the measurement: docs/MODEL.md).
+        Capacity: 64 x 32 = 2,048 past tokens per LSH head and round.
         """
         values: dict[str, Any] = dict(
             vocab_size=vocab_size,

@@ -13,7 +13,8 @@ class ChunkedFeedForward(nn.Module):
     """g(x) = Dropout(W2 GELU(W1 LayerNorm(x))), applied `chunk_size` positions at a time.
 
     Each position is independent, so chunking changes nothing but peak memory. The reversible backward
-    pass walks the same chunks in the same order (see reversible.py), so dropout masks replay exactly.
+    pass walks the same chunks in the same order (ReformerBlock.backward_pass), so dropout masks replay
+    exactly.
     """
 
     def __init__(self, config: ReformerConfig) -> None:

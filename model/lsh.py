@@ -1,6 +1,6 @@
 """Strictly causal LSH attention with a bounded decode state.
 
-Semantics (DESIGN.md, "The model"): per head and hash round, each token is hashed into one of `n_buckets`
+Semantics (docs/DESIGN.md, "Attention"): per head and hash round, each token is hashed into one of `n_buckets`
 buckets by a fixed random rotation of its shared query/key vector. A query attends to the at most
 `bucket_size` most recent earlier keys of its own bucket, and to itself only when it has nothing else. Rounds
 are combined with their logsumexp weights.
@@ -42,6 +42,8 @@ def combine_rounds(out: Tensor, lse: Tensor) -> Tensor:
 
 
 class LSHAttention(nn.Module):
+    """Shared-QK LSH attention: full-sequence forward(), and decode() with a per-bucket state."""
+
     rotations: Tensor  # (H, R, D, NB/2), a buffer
 
     def __init__(self, config: ReformerConfig) -> None:

@@ -18,6 +18,12 @@ from .state import DecodeState, FullLayerState, LayerState, LocalLayerState, LSH
 
 
 class ReformerLM(nn.Module):
+    """The language model: forward() over whole sequences, loss() for training, decode() incrementally.
+
+    decode() with a state from init_state() gives forward()'s logits in any split of the sequence
+    (docs/DESIGN.md, property 2), holding a fixed-size state for lsh and local layers.
+    """
+
     def __init__(self, config: ReformerConfig) -> None:
         super().__init__()
         self.config = config

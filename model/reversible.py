@@ -4,8 +4,9 @@ In reversible mode the forward pass stores no activations: the backward pass wal
 top, recovering each block's inputs from its outputs (x2 = y2 - g(y1), x1 = y1 - f(x2)) and recomputing
 f and g with gradients on. For that to give the gradients of the forward pass, the recomputation must be
 the same computation: each block records, in the forward pass, the RNG state before f and before g (dropout
-masks replay, without touching the global generator) and the LSH buckets f used (a rounding difference in the
-recovered x2 can never move a token to another bucket).
+masks replay, without touching the global generator), the LSH buckets f used (a rounding difference in the
+recovered x2 can never move a token to another bucket) and the autocast setting (a recomputation in another
+precision would give other gradients).
 """
 
 from __future__ import annotations

@@ -90,7 +90,7 @@ def to_messages(raw_messages: list[list[dict]]) -> list[Message]:
 @functools.cache
 def _corpus() -> dict[str, _FrozenConversation]:
     """Read and convert the whole corpus once per process (~1 s), keyed and ordered by id."""
-    # Imported here so that importing model.data never touches the package's 40 MB JSON file.
+    # Imported here so that importing model.train.corpus never touches the package's 40 MB JSON file.
     from chitchat_dataset import Dataset
 
     raw = Dataset()
