@@ -2,6 +2,7 @@
 
 import itertools
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -97,3 +98,11 @@ def test_stacked_states_of_different_lengths_decode_like_separate_sessions() -> 
             torch.testing.assert_close(together[i : i + 1], expected, rtol=0, atol=1e-4)
     lengths = [int(s.length[0]) for s in batched_state.unstack()]
     assert lengths == [6, 34, 72]
+
+
+def test_a_state_from_another_layer_layout_is_refused_by_name() -> None:
+    """decode() pairs each layer with its own kind of state; a state built by another layout is an error."""
+    model = _model(("local", "lsh"))
+    other = _model(("lsh", "local"))
+    with torch.no_grad(), pytest.raises(TypeError, match="another layer layout"):
+        model.decode(torch.tensor([[1, 2]]), other.init_state(1))
