@@ -16,10 +16,10 @@ from types import TracebackType
 
 from app.config import Settings
 from app.engine import ChatEngine, GenerationHandle, GenerationRequest, GenerationResult
+from app.engine.state_cache import CacheKey
 from app.errors import EngineFailed, InvalidRequest, SessionNotFound, StoreUnavailable
 from app.schemas import SamplingFields
-from app.state_cache import CacheKey
-from app.store import SessionRecord, SessionStore, StoredMessage, TurnConflict, TurnLock, utc_now
+from app.store.sessions import SessionRecord, SessionStore, StoredMessage, TurnConflict, TurnLock, utc_now
 from model import ChatTokenizer, SamplingParams
 
 logger = logging.getLogger(__name__)

@@ -12,8 +12,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from app.redis_client import RedisTarget, resolve_redis_target
 from app.security import normalize_origin
+from app.store.redis_client import RedisTarget, resolve_redis_target
 
 # The checkpoint that ships with the repository, found relative to this package (not the working
 # directory), so `python -m app` works from anywhere in a checkout.

@@ -23,7 +23,7 @@ from app.auth import ANONYMOUS
 from app.deps import OwnerDep
 from app.errors import ServiceError, StoreUnavailable
 from app.metrics import Metrics
-from app.redis_client import RedisClient
+from app.store.redis_client import RedisClient
 
 # KEYS: the caller's key. ARGV: interval_ms (60000 / limit), burst_ms (limit * interval).
 # -> 0 when allowed (and recorded), else the milliseconds until the next request would be.

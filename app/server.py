@@ -10,7 +10,7 @@ from collections.abc import Callable
 import uvicorn
 
 from app.config import Settings
-from app.main import create_app
+from app.factory import create_app
 from app.malloc import pin_mmap_threshold
 
 # uvicorn's exit status when the app's startup fails (e.g. MODEL_DIR missing).

@@ -15,7 +15,7 @@ from app.chat import ChatService
 from app.config import Settings
 from app.engine import ChatEngine
 from app.metrics import Metrics
-from app.store import SessionStore
+from app.store.sessions import SessionStore
 
 
 @dataclass

@@ -3,10 +3,10 @@
     python -m bench.batch_decode                       # shipped checkpoint, 1..32 rows, one thread
     python -m bench.batch_decode --rows 1 16 --steps 100
 
-The engine decodes every streaming reply in one `model.decode` call per step (app/batching.py). Here the
-same call runs alone: each row first gets `--history` tokens of its own (random ids, the parallel prefill
-path), then `--steps` single-token steps are timed. The per-row gain at N rows, (step time at 1 row) /
-(step time at N rows / N), is the ceiling on the serving benchmark's throughput ratio: everything the
+The engine decodes every streaming reply in one `model.decode` call per step (app/engine/batching.py). Here
+the same call runs alone: each row first gets `--history` tokens of its own (random ids, the parallel
+prefill path), then `--steps` single-token steps are timed. The per-row gain at N rows, (step time at 1 row)
+/ (step time at N rows / N), is the ceiling on the serving benchmark's throughput ratio: everything the
 server does per token besides this call (sampling, detokenizing, websocket frames) only lowers it.
 Prints a table and writes JSON (`--out`).
 """

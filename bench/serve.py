@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from app.config import SHIPPED_MODEL_DIR
-from app.embedded_redis import EmbeddedRedis
+from app.store.embedded_redis import EmbeddedRedis
 from bench._common import REPO_ROOT, environment, write_json
 from bench._serve import (
     Messages,

@@ -26,7 +26,7 @@ import uvicorn
 from websockets.sync.client import ClientConnection, connect
 
 from app.config import Settings
-from app.main import create_app
+from app.factory import create_app
 from app.server import bound_url
 from model.checkpoint import save_checkpoint
 from model.config import ReformerConfig

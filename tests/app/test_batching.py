@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from app.batching import SlotBatch, SoloBatch
+from app.engine.batching import SlotBatch, SoloBatch
 from model import DecodeState, ReformerConfig, ReformerLM
 
 VOCAB = 61

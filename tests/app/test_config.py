@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from app.config import SHIPPED_MODEL_DIR, Settings
-from app.main import ModelNotFound, load_model
+from app.factory import ModelNotFound, load_model
 
 ENV_EXAMPLE = Path(__file__).resolve().parents[2] / ".env.example"
 

@@ -10,9 +10,9 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from app.errors import InvalidRequest, Overloaded, SessionBusy, StoreUnavailable, Unauthorized
-from app.openai_completion import message_text
-from app.openai_errors import ModelNotFound, OpenAIInvalidRequest, openai_error_response
-from app.openai_schemas import ChatCompletionRequest, ChatMessage
+from app.openai.errors import ModelNotFound, OpenAIInvalidRequest, openai_error_response
+from app.openai.protocol import ChatCompletionRequest, ChatMessage
+from app.openai.serving import message_text
 
 BASE = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 

@@ -3,7 +3,7 @@
 import asyncio
 import threading
 
-from app.engine_requests import GenerationHandle, GenerationRequest, GenerationResult, Job, Outbox
+from app.engine.requests import GenerationHandle, GenerationRequest, GenerationResult, Job, Outbox
 from model import SamplingParams
 
 

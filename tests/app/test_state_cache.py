@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from app.engine.state_cache import StateCache
 from app.metrics import Metrics
-from app.state_cache import StateCache
 from model.reformer import ReformerLM
 from model.tokenizer import ChatTokenizer
 

@@ -4,7 +4,7 @@ the HTTP routes the app really serves (what the compose file and Dockerfile prob
 import pytest
 
 from app.config import Settings
-from app.main import create_app
+from app.factory import create_app
 from tests.app.fixtures import redis_prefix, tiny_checkpoint, tiny_model, tokenizer  # noqa: F401
 from tests.deploy.redis_cluster import redis_cluster  # noqa: F401
 

@@ -24,8 +24,8 @@ from redis.crc import key_slot
 from app.config import Settings
 from app.deps import valid_session_id
 from app.metrics import Metrics
-from app.redis_client import RedisTarget, connect_redis, resolve_redis_target
-from app.store import SessionStore, new_session_id
+from app.store.redis_client import RedisTarget, connect_redis, resolve_redis_target
+from app.store.sessions import SessionStore, new_session_id
 from tests.app.support import make_settings, new_prefix, quiet_params, running_server
 from tests.deploy.redis_cluster import ClusterInfo
 

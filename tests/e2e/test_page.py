@@ -28,7 +28,7 @@ import pytest
 import uvicorn
 
 from app.config import Settings
-from app.main import create_app
+from app.factory import create_app
 from model.tokenizer import ChatTokenizer
 from tests.app.support import (
     delete_prefix,

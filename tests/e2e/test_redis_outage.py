@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import redis
 
-from app.embedded_redis import EmbeddedRedis
+from app.store.embedded_redis import EmbeddedRedis
 from tests.app.support import frame, free_port, make_settings, open_ws, quiet_params, running_server
 
 

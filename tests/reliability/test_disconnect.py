@@ -95,8 +95,8 @@ def test_websocket_disconnect_cancels_and_the_neighbour_streams_on(
 
 
 def test_sse_disconnect_cancels_and_the_neighbour_streams_on(server: str, tokenizer: ChatTokenizer) -> None:
-    if importlib.util.find_spec("app.routes.openai") is None:
-        pytest.skip("the OpenAI-compatible route (app/routes/openai.py) is not in this tree yet")
+    if importlib.util.find_spec("app.openai.router") is None:
+        pytest.skip("the OpenAI-compatible route (app/openai/router.py) is not in this tree yet")
     expected = neighbour_reply(server, tokenizer)
     model = httpx.get(f"{server}/v1/models").json()["data"][0]["id"]
     cancelled_before = counter(server, CANCELLED)

@@ -22,9 +22,9 @@ import pytest
 import redis
 
 from app.auth import ApiKeyAuth
+from app.engine.state_cache import StateCache
 from app.metrics import Metrics
-from app.state_cache import StateCache
-from app.store import new_session_id
+from app.store.sessions import new_session_id
 from model.reformer import ReformerLM
 from model.tokenizer import ChatTokenizer
 from tests.app.support import (

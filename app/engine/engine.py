@@ -10,7 +10,7 @@ Continuous batching. The thread runs steps; each step
    calls: a request's new turn, or a whole conversation re-fed after a cache miss. A 64 K-token rebuild
    therefore takes many steps, and the conversations already streaming get a token at every one of them
    instead of waiting;
-3. decodes the next token of every row in one `model.decode()` call (app/batching.py), and samples each
+3. decodes the next token of every row in one `model.decode()` call (app/engine/batching.py), and samples each
    generating row with its own parameters and generator (`sample_rows`).
 Requests join the batch when their prompt is fed and leave when their reply ends; neither waits for
 the others. A short prompt (at most `batch_prompt_tokens`) that arrives while other requests run skips
@@ -33,11 +33,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from app.batching import DecodeBatch, SlotBatch, SoloBatch
-from app.engine_requests import GenerationHandle, GenerationRequest, GenerationResult, Job, Outbox
+from app.engine.batching import DecodeBatch, SlotBatch, SoloBatch
+from app.engine.requests import GenerationHandle, GenerationRequest, GenerationResult, Job, Outbox
+from app.engine.state_cache import StateCache
 from app.errors import EngineUnavailable, Overloaded
 from app.metrics import Metrics
-from app.state_cache import StateCache
 from model import DecodeState, FinishReason, ReformerLM, StopStringMatcher, sample_rows
 
 __all__ = ["ChatEngine", "GenerationHandle", "GenerationRequest", "GenerationResult"]

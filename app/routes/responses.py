@@ -1,7 +1,7 @@
 """The error responses each router can give, for the OpenAPI schema.
 
 Every 4xx/5xx is `{"error": {"code", "message"}}` (app/errors.py), or OpenAI's error shape on the
-OpenAI-compatible routes (app/openai_errors.py); declaring that per status lets a client generator, and
+OpenAI-compatible routes (app/openai/errors.py); declaring that per status lets a client generator, and
 the schema fuzz test (tests/fuzz), hold the server to it. It also replaces FastAPI's default 422 schema
 (`{"detail": [...]}`), which this service never sends.
 """

@@ -13,9 +13,9 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import error_body
-from app.openai_errors import openai_error_body
+from app.openai.errors import openai_error_body
 
-# Paths served by the OpenAI-compatible router (app/routes/openai.py).
+# Paths served by the OpenAI-compatible router (app/openai/router.py).
 OPENAI_PATHS = ("/v1/chat/", "/v1/models")
 
 

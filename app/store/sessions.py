@@ -12,7 +12,7 @@ The token ids are what rebuilds a decode state, so a turn never re-tokenises his
 read just the tail it needs (GETRANGE) instead of the whole conversation. Every change is one Lua script,
 so no reader ever sees a half turn, and every access slides the TTL of all three data keys.
 
-The same code runs on one Redis and on a Redis Cluster (app/redis_client.py): every script is handed all
+The same code runs on one Redis and on a Redis Cluster (app/store/redis_client.py): every script is handed all
 the keys it touches in KEYS, and they are always keys of one session, so one hash tag and one slot.
 """
 
@@ -34,7 +34,7 @@ from redis import exceptions as redis_errors
 
 from app.errors import SessionBusy, SessionNotFound, StoreUnavailable
 from app.metrics import Metrics
-from app.redis_client import RedisClient
+from app.store.redis_client import RedisClient
 
 logger = logging.getLogger(__name__)
 

@@ -20,20 +20,21 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 from app.auth import AdminAuth, ApiKeyAuth
+from app.body_size import BodySizeLimit
 from app.chat import ChatService
 from app.config import Settings
-from app.embedded_redis import EmbeddedRedis
 from app.engine import ChatEngine
-from app.error_responses import ADMIN_ERRORS, CHAT_ERRORS, OPENAI_ERRORS, SESSION_ERRORS
 from app.errors import StoreUnavailable, install_error_handlers
-from app.limits import BodySizeLimit
 from app.metrics import Metrics
+from app.openai.router import router as openai_router
 from app.ratelimit import RateLimitDep, RateLimiter
-from app.redis_client import RedisTarget, connect_redis
-from app.routes import admin, chat, openai, sessions, stream
+from app.routes import admin, chat, sessions, stream
+from app.routes.responses import ADMIN_ERRORS, CHAT_ERRORS, OPENAI_ERRORS, SESSION_ERRORS
 from app.security import install_cors, redact_secrets_in_server_logs
 from app.services import Services
-from app.store import SessionStore
+from app.store.embedded_redis import EmbeddedRedis
+from app.store.redis_client import RedisTarget, connect_redis
+from app.store.sessions import SessionStore
 from model import ChatTokenizer, ReformerLM, load_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -153,7 +154,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(sessions.router, dependencies=[RateLimitDep], responses=SESSION_ERRORS)
     app.include_router(chat.router, dependencies=[RateLimitDep], responses=CHAT_ERRORS)
     app.include_router(stream.router)
-    app.include_router(openai.router, dependencies=[RateLimitDep], responses=OPENAI_ERRORS)
+    app.include_router(openai_router, dependencies=[RateLimitDep], responses=OPENAI_ERRORS)
     app.include_router(admin.router, responses=ADMIN_ERRORS)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_api_route("/", _chat_page, include_in_schema=False)

@@ -1,7 +1,7 @@
 """OpenAI-compatible surface: `POST /v1/chat/completions` (JSON or SSE) and `GET /v1/models`.
 
 Existing OpenAI clients and SDKs work by pointing their base URL at `<server>/v1`; auth is the same
-Bearer API key as the rest of the API. Errors use OpenAI's shape (app/openai_errors.py). The streamed bytes
+Bearer API key as the rest of the API. Errors use OpenAI's shape (app/openai/errors.py). The streamed bytes
 are what OpenAI sends: one `data: {json}\\n\\n` event per `chat.completion.chunk`, all with the same
 `id` and `created`; a first delta carrying the role, content deltas, a last chunk with `finish_reason` and
 an empty delta, a usage chunk with `choices: []` when `stream_options.include_usage` asks for it, then
@@ -22,9 +22,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from app.deps import OwnerDep, ServicesDep, valid_session_id
 from app.errors import EngineUnavailable, ServiceError
-from app.openai_completion import CompletionResult, CompletionRun, OpenAIChat
-from app.openai_errors import ModelNotFound, OpenAIRoute, openai_error_response
-from app.openai_schemas import (
+from app.openai.errors import ModelNotFound, OpenAIRoute, openai_error_response
+from app.openai.protocol import (
     AssistantMessage,
     ChatCompletion,
     ChatCompletionRequest,
@@ -33,6 +32,7 @@ from app.openai_schemas import (
     ModelCard,
     ModelList,
 )
+from app.openai.serving import CompletionResult, CompletionRun, OpenAIChat
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute)
 

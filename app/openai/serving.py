@@ -30,10 +30,10 @@ import anyio
 from pydantic import ValidationError
 
 from app.chat import ChatService, Turn
-from app.engine_requests import GenerationHandle, GenerationRequest
+from app.engine.requests import GenerationHandle, GenerationRequest
 from app.errors import EngineFailed
-from app.openai_errors import ModelNotFound, OpenAIInvalidRequest
-from app.openai_schemas import ChatCompletionRequest, ChatMessage
+from app.openai.errors import ModelNotFound, OpenAIInvalidRequest
+from app.openai.protocol import ChatCompletionRequest, ChatMessage
 from app.schemas import SamplingFields
 from model import FinishReason, SamplingParams
 
