@@ -1,17 +1,8 @@
-"""`python -m app [--host H] [--port P]`: run the chat service and print its URL."""
+"""`python -m app [--host H] [--port P]`: the same as `reformer-chat serve` (app/cli.py)."""
 
-from __future__ import annotations
+import sys
 
-import argparse
-
-from app.cli import add_serve_arguments, serve
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m app", description="Run the reformer-chat service.")
-    add_serve_arguments(parser)
-    serve(parser.parse_args())
-
+from app.cli import main
 
 if __name__ == "__main__":
-    main()
+    main(["serve", *sys.argv[1:]])

@@ -15,8 +15,14 @@ from dataclasses import dataclass
 from types import TracebackType
 
 from app.config import Settings
-from app.engine import ChatEngine, GenerationHandle, GenerationRequest, GenerationResult
-from app.engine.state_cache import CacheKey
+from app.engine import (
+    CacheKey,
+    ChatEngine,
+    GenerationHandle,
+    GenerationRequest,
+    GenerationResult,
+    StateCache,
+)
 from app.errors import EngineFailed, InvalidRequest, SessionNotFound, StoreUnavailable
 from app.schemas import SamplingFields
 from app.store.sessions import SessionRecord, SessionStore, StoredMessage, TurnConflict, TurnLock, utc_now
@@ -37,10 +43,16 @@ class ChatService:
     """Sessions and turns; owns no state of its own beyond its collaborators."""
 
     def __init__(
-        self, store: SessionStore, engine: ChatEngine, tokenizer: ChatTokenizer, settings: Settings
+        self,
+        store: SessionStore,
+        engine: ChatEngine,
+        state_cache: StateCache,
+        tokenizer: ChatTokenizer,
+        settings: Settings,
     ) -> None:
         self.store = store
         self.engine = engine
+        self.state_cache = state_cache
         self.tokenizer = tokenizer
         self.settings = settings
         # A reply ends at end-of-turn, or if the model starts another turn (a role token) instead.
@@ -54,7 +66,7 @@ class ChatService:
 
     async def delete_session(self, owner: str, session_id: str) -> None:
         await self.store.delete(session_id, owner)
-        self.engine.cache.discard((owner, session_id))
+        self.state_cache.discard((owner, session_id))
 
     def check_content(self, content: str) -> str:
         """The user message, refused (422) when blank or longer than MAX_MESSAGE_CHARS."""
@@ -143,7 +155,7 @@ class Turn:
                 *service.tokenizer.encode_turn("user", self._content),
                 service.tokenizer.assistant_id,
             ]
-            cached = service.engine.cache.take(self._key)
+            cached = service.state_cache.take(self._key)
             stored = self._lock.context_tokens
             if cached is not None and cached.tokens > stored:
                 logger.warning("cached state of %s is ahead of the store; rebuilding", self.session_id)
@@ -161,7 +173,7 @@ class Turn:
                 self._handle = service.engine.submit(request)
             except BaseException:
                 if cached is not None:  # not consumed: keep it for the next turn
-                    service.engine.cache.put(self._key, cached.state, cached.tokens)
+                    service.state_cache.put(self._key, cached.state, cached.tokens)
                 raise
         except TurnConflict as exc:
             await self._stack.aclose()
@@ -233,5 +245,5 @@ class Turn:
                 raise SessionNotFound(self.session_id) from exc
             raise StoreUnavailable(str(exc), retry_after=service.settings.retry_after_seconds) from exc
         if result.state is not None:
-            service.engine.cache.put(self._key, result.state, result.state_tokens)
+            service.state_cache.put(self._key, result.state, result.state_tokens)
         return TurnOutcome(reply, len(self.prompt_ids), len(result.token_ids), total)

@@ -61,10 +61,6 @@ class SessionBusy(ServiceError):
         )
 
 
-class PayloadTooLarge(ServiceError):
-    status, code = 413, "payload_too_large"
-
-
 class InvalidRequest(ServiceError):
     status, code = 422, "invalid_request"
 

@@ -23,7 +23,7 @@ from app.auth import AdminAuth, ApiKeyAuth
 from app.body_size import BodySizeLimit
 from app.chat import ChatService
 from app.config import Settings
-from app.engine import ChatEngine
+from app.engine import ChatEngine, StateCache
 from app.errors import StoreUnavailable, install_error_handlers
 from app.metrics import Metrics
 from app.openai.router import router as openai_router
@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 
-class ModelNotFound(RuntimeError):
+class CheckpointNotFound(RuntimeError):
     """MODEL_DIR does not point at a checkpoint directory."""
 
 
@@ -51,7 +51,7 @@ def load_model(settings: Settings) -> tuple[ReformerLM, ChatTokenizer, Path]:
     """Load MODEL_DIR (default: the shipped checkpoint), with an error that says how to fix a bad path."""
     path = settings.resolved_model_dir
     if not path.is_dir():
-        raise ModelNotFound(
+        raise CheckpointNotFound(
             f"no model checkpoint at {path}: set MODEL_DIR to a checkpoint directory (train one with "
             "`python -m model.train --preset small --out runs/small`, which writes runs/small/checkpoint), "
             "or restore the shipped checkpoints/reformer-chat-small in the repository"
@@ -95,7 +95,6 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = ChatEngine(
             model,
             metrics=metrics,
-            cache_bytes=settings.state_cache_bytes,
             max_running=settings.max_running_requests,
             max_waiting=settings.max_waiting_requests,
             prefill_chunk=settings.prefill_chunk_tokens,
@@ -104,13 +103,17 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         )
         engine.start()
         stack.callback(engine.stop)
+        # The cache outlives no engine: after stop() no turn can put a state back, and clear() frees them.
+        state_cache = StateCache(settings.state_cache_bytes, metrics)
+        stack.callback(state_cache.clear)
         model_info: dict[str, Any] = {"config": model.config.to_dict(), "parameters": model.num_parameters()}
         app.state.services = Services(
             settings=settings,
             metrics=metrics,
             store=store,
             engine=engine,
-            chat=ChatService(store, engine, tokenizer, settings),
+            state_cache=state_cache,
+            chat=ChatService(store, engine, state_cache, tokenizer, settings),
             api_keys=ApiKeyAuth(settings.api_keys),
             admin=AdminAuth(settings.admin_token.get_secret_value() if settings.admin_token else None),
             checkpoint=checkpoint,

@@ -8,11 +8,46 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 64
 MAX_LOGIT_BIAS_ENTRIES = 300
+
+
+def stop_strings(value: str | list[str] | None) -> list[str] | None:
+    """`stop` as a list, refused (ValueError) beyond MAX_STOP_STRINGS non-empty strings of MAX_STOP_CHARS.
+
+    Shared by SamplingFields and the OpenAI request (app/openai/protocol.py): one bound, one message.
+    """
+    if value is None:
+        return None
+    stops = [value] if isinstance(value, str) else value
+    if len(stops) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+        raise ValueError(
+            f"stop takes at most {MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_CHARS} "
+            "characters each"
+        )
+    return stops
+
+
+def check_logit_bias(value: dict[int, float] | None) -> dict[int, float] | None:
+    """OpenAI's `logit_bias` bounds: at most MAX_LOGIT_BIAS_ENTRIES non-negative token ids, biases in
+    [-100, 100] (ValueError otherwise). Shared by SamplingFields and the OpenAI request."""
+    if value is None:
+        return None
+    if len(value) > MAX_LOGIT_BIAS_ENTRIES or any(k < 0 for k in value):
+        raise ValueError(
+            f"logit_bias takes at most {MAX_LOGIT_BIAS_ENTRIES} entries keyed by non-negative token ids"
+        )
+    if any(not -100 <= bias <= 100 for bias in value.values()):
+        raise ValueError("logit_bias values must be between -100 and 100")
+    return value
+
+
+# The validated field types, for SamplingFields here and the OpenAI request.
+StopStrings = Annotated[str | list[str] | None, AfterValidator(stop_strings)]
+LogitBias = Annotated[dict[int, float] | None, AfterValidator(check_logit_bias)]
 
 
 class SamplingFields(BaseModel):
@@ -27,31 +62,11 @@ class SamplingFields(BaseModel):
     top_k: int | None = Field(default=None, ge=0)
     repetition_penalty: float | None = Field(default=None, gt=0, le=10)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
-    stop: str | list[str] | None = None
+    stop: StopStrings = None
     # OpenAI's logit_bias: token id -> bias in [-100, 100] added to that token's logit.
-    logit_bias: dict[int, Annotated[float, Field(ge=-100, le=100)]] | None = None
-
-    @field_validator("stop")
-    @classmethod
-    def _check_stop(cls, value: str | list[str] | None) -> list[str] | None:
-        if value is None:
-            return None
-        stops = [value] if isinstance(value, str) else value
-        if len(stops) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
-            raise ValueError(
-                f"stop takes at most {MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_CHARS} "
-                "characters each"
-            )
-        return stops
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _check_logit_bias(cls, value: dict[int, float] | None) -> dict[int, float] | None:
-        if value is not None and (len(value) > MAX_LOGIT_BIAS_ENTRIES or any(k < 0 for k in value)):
-            raise ValueError(
-                f"logit_bias takes at most {MAX_LOGIT_BIAS_ENTRIES} entries keyed by non-negative token ids"
-            )
-        return value
+    logit_bias: Annotated[
+        dict[int, Annotated[float, Field(ge=-100, le=100)]] | None, AfterValidator(check_logit_bias)
+    ] = None
 
 
 class MessageRequest(SamplingFields):

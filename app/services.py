@@ -13,7 +13,7 @@ from typing import Any
 from app.auth import AdminAuth, ApiKeyAuth
 from app.chat import ChatService
 from app.config import Settings
-from app.engine import ChatEngine
+from app.engine import ChatEngine, StateCache
 from app.metrics import Metrics
 from app.store.sessions import SessionStore
 
@@ -24,6 +24,7 @@ class Services:
     metrics: Metrics
     store: SessionStore
     engine: ChatEngine
+    state_cache: StateCache
     chat: ChatService
     api_keys: ApiKeyAuth
     admin: AdminAuth

@@ -35,12 +35,9 @@ import torch
 
 from app.engine.batching import DecodeBatch, SlotBatch, SoloBatch
 from app.engine.requests import GenerationHandle, GenerationRequest, GenerationResult, Job, Outbox
-from app.engine.state_cache import StateCache
 from app.errors import EngineUnavailable, Overloaded
 from app.metrics import Metrics
 from model import DecodeState, FinishReason, ReformerLM, StopStringMatcher, sample_rows
-
-__all__ = ["ChatEngine", "GenerationHandle", "GenerationRequest", "GenerationResult"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +76,6 @@ class ChatEngine:
         model: ReformerLM,
         *,
         metrics: Metrics,
-        cache_bytes: int,
         max_running: int,
         max_waiting: int,
         prefill_chunk: int,
@@ -93,7 +89,6 @@ class ChatEngine:
             )
         self.model = model
         self.device = next(model.parameters()).device
-        self.cache = StateCache(cache_bytes, metrics)
         self._metrics = metrics
         self._max_running = max_running
         self._capacity = max_running + max_waiting
@@ -148,7 +143,6 @@ class ChatEngine:
         self._thread.join(timeout)
         if self._thread.is_alive():
             logger.warning("engine thread did not stop within %.0f s", timeout)
-        self.cache.clear()
 
     # ---- engine thread: the loop ----------------------------------------------------------------------
     def _run(self) -> None:

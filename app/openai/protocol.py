@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from app.schemas import MAX_LOGIT_BIAS_ENTRIES, MAX_STOP_CHARS, MAX_STOP_STRINGS
+from app.schemas import LogitBias, StopStrings
 
 # OpenAI's "developer" role is its newer name for "system"; the chat template has a system role.
 Role = Literal["system", "developer", "user", "assistant"]
@@ -49,12 +49,12 @@ class ChatCompletionRequest(BaseModel):
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
-    stop: str | list[str] | None = None
+    stop: StopStrings = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
     user: str | None = None
-    logit_bias: dict[int, float] | None = None
+    logit_bias: LogitBias = None
     # Refused when set to something this server does not do; accepted at their "off" values.
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
@@ -72,30 +72,6 @@ class ChatCompletionRequest(BaseModel):
     def _one_choice(cls, value: int) -> int:
         if value != 1:
             raise ValueError(f"n={value} is not supported: this server returns one choice; send n=1")
-        return value
-
-    @field_validator("stop")
-    @classmethod
-    def _check_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
-        stops = [value] if isinstance(value, str) else (value or [])
-        if len(stops) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
-            raise ValueError(
-                f"stop takes at most {MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_CHARS} "
-                "characters each"
-            )
-        return value
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _check_logit_bias(cls, value: dict[int, float] | None) -> dict[int, float] | None:
-        if value is None:
-            return None
-        if len(value) > MAX_LOGIT_BIAS_ENTRIES or any(k < 0 for k in value):
-            raise ValueError(
-                f"logit_bias takes at most {MAX_LOGIT_BIAS_ENTRIES} entries keyed by non-negative token ids"
-            )
-        if any(not -100 <= bias <= 100 for bias in value.values()):
-            raise ValueError("logit_bias values must be between -100 and 100")
         return value
 
     @property

@@ -33,6 +33,7 @@ from app.openai.protocol import (
     ModelList,
 )
 from app.openai.serving import CompletionResult, CompletionRun, OpenAIChat
+from app.routes.disconnect import watch_disconnect
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute)
 
@@ -108,13 +109,6 @@ class _Chunks:
         return self._chunk([], _usage(result))
 
 
-async def _watch_disconnect(request: Request, run: CompletionRun) -> None:
-    """Cancel the completion when the client hangs up (the body is already read, so receive() waits)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-    run.cancel()
-
-
 async def _stream(
     run: CompletionRun, watcher: asyncio.Task[None], chunks: _Chunks, retry_after: int
 ) -> AsyncIterator[bytes]:
@@ -151,7 +145,7 @@ async def chat_completions(
 ) -> Response:
     session_id = valid_session_id(x_session_id) if x_session_id is not None else None
     run = CompletionRun(openai.completion(body, owner, session_id))
-    watcher = asyncio.create_task(_watch_disconnect(request, run))
+    watcher = asyncio.create_task(watch_disconnect(request, run.cancel))
     try:
         await run.start()
     except BaseException:

@@ -69,7 +69,7 @@ async def metrics(services: ServicesDep, _: AdminDep) -> Response:
 
 @router.get("/info")
 async def info(services: ServicesDep, _: AdminDep) -> dict[str, Any]:
-    cache = services.engine.cache
+    cache = services.state_cache
     return {
         "version": _version(),
         "uptime_seconds": round(time.monotonic() - services.started_at, 3),

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request
 
 from app.chat import Turn, TurnOutcome
 from app.deps import ChatDep, OwnerDep, SessionIdDep
+from app.routes.disconnect import watch_disconnect
 from app.schemas import MessageOut, MessageRequest, ReplyOut, Usage
 
 router = APIRouter(prefix="/v1/sessions", tags=["chat"])
@@ -31,13 +32,6 @@ def reply_out(outcome: TurnOutcome) -> ReplyOut:
     )
 
 
-async def _watch_disconnect(request: Request, disconnected: asyncio.Event) -> None:
-    """Set `disconnected` when the client hangs up (the body is already read, so receive() waits)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-    disconnected.set()
-
-
 async def _cancel_when(disconnected: asyncio.Event, turn: Turn) -> None:
     await disconnected.wait()
     turn.cancel()
@@ -52,7 +46,7 @@ async def post_message(
     # A client that hangs up cancels its generation (the partial reply is stored as "cancelled"), even
     # when it hangs up while the turn is still being set up.
     disconnected = asyncio.Event()
-    tasks = [asyncio.create_task(_watch_disconnect(request, disconnected))]
+    tasks = [asyncio.create_task(watch_disconnect(request, disconnected.set))]
     try:
         async with chat.turn(owner, session_id, content, params) as turn:
             tasks.append(asyncio.create_task(_cancel_when(disconnected, turn)))

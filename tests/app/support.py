@@ -25,9 +25,9 @@ import torch
 import uvicorn
 from websockets.sync.client import ClientConnection, connect
 
+from app.cli import bound_url
 from app.config import Settings
 from app.factory import create_app
-from app.server import bound_url
 from model.checkpoint import save_checkpoint
 from model.config import ReformerConfig
 from model.reformer import ReformerLM

@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from app.config import SHIPPED_MODEL_DIR, Settings
-from app.factory import ModelNotFound, load_model
+from app.factory import CheckpointNotFound, load_model
 
 ENV_EXAMPLE = Path(__file__).resolve().parents[2] / ".env.example"
 
@@ -64,7 +64,7 @@ def test_model_dir_defaults_to_the_shipped_checkpoint_in_the_repository() -> Non
 
 def test_a_missing_model_dir_names_the_path_and_the_fix(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere"
-    with pytest.raises(ModelNotFound, match=r"nowhere.*set MODEL_DIR.*python -m model\.train"):
+    with pytest.raises(CheckpointNotFound, match=r"nowhere.*set MODEL_DIR.*python -m model\.train"):
         load_model(Settings(_env_file=None, model_dir=missing))
 
 

@@ -31,7 +31,6 @@ def one_thread() -> Iterator[None]:
 
 def run_engine(tiny_model: Model, body: Callable[[ChatEngine], Awaitable[None]], **kwargs: int) -> None:
     options = {
-        "cache_bytes": 1 << 20,
         "max_running": 4,
         "max_waiting": 4,
         "prefill_chunk": 16,
@@ -200,7 +199,6 @@ def test_stop_cancels_what_is_in_flight_and_joins(tiny_model: Model) -> None:
     engine = ChatEngine(
         tiny_model[0],
         metrics=Metrics(),
-        cache_bytes=0,
         max_running=1,
         max_waiting=2,
         prefill_chunk=8,
