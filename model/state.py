@@ -103,8 +103,36 @@ class DecodeState:
         return DecodeState([layer.to(device) for layer in self.layers], self.length.to(device))
 
     def rows(self, index: Tensor | slice) -> DecodeState:
-        """The sub-batch of the given rows (a copy when index is a tensor)."""
+        """The sub-batch of the given rows (a copy when index is a tensor).
+
+        With a slice the rows are views, and decode() of one token per row updates a state in place: so
+        decoding `rows(slice(0, n))` advances rows 0..n-1 of this state and leaves the others alone (a
+        property tests/model/test_state_rows.py holds; the serving batch relies on it).
+        """
         return DecodeState([layer.rows(index) for layer in self.layers], self.length[index])
+
+    def seen_tokens(self) -> int:
+        """Tokens a batch-size-1 state has seen, as a Python int (one read from the device)."""
+        if self.batch_size != 1:
+            raise ValueError(f"seen_tokens() is for one row; this state has {self.batch_size}")
+        return int(self.length[0])
+
+    def copy_rows_(self, index: slice, src: DecodeState) -> None:
+        """Write `src`'s rows into this state's rows `index`, in place (same model, same row count).
+
+        A batch that rows join and leave uses it to copy a joining row in, to move its last row into a
+        leaving row's place, and to carry the live rows over when it grows.
+        """
+        rows = len(range(*index.indices(self.batch_size)))
+        if src.batch_size != rows or len(src.layers) != len(self.layers):
+            raise ValueError(
+                f"cannot copy a state of {src.batch_size} rows and {len(src.layers)} layers into rows "
+                f"{index.start}:{index.stop} of one with {len(self.layers)} layers"
+            )
+        for dst_layer, src_layer in zip(self.layers, src.layers, strict=True):
+            for d, s in zip(dst_layer.tensors(), src_layer.tensors(), strict=True):
+                d[index].copy_(s)
+        self.length[index].copy_(src.length)
 
     def unstack(self) -> list[DecodeState]:
         """Split into batch-size-1 states (copies), e.g. to hand each session its own state back."""

@@ -44,14 +44,6 @@ class DecodeBatch(Protocol[M]):
         ...
 
 
-def _write_rows(dst: DecodeState, index: slice, src: DecodeState) -> None:
-    """Copy src's rows into dst[index]. Every layer state's tensors() are batch-first (model/state.py)."""
-    for dst_layer, src_layer in zip(dst.layers, src.layers, strict=True):
-        for d, s in zip(dst_layer.tensors(), src_layer.tensors(), strict=True):
-            d[index].copy_(s)
-    dst.length[index].copy_(src.length)
-
-
 class SlotBatch(Generic[M]):
     """Rows packed at the front of one preallocated state of fixed-size (lsh/local) layers."""
 
@@ -82,23 +74,16 @@ class SlotBatch(Generic[M]):
         pool = self._pool
         if pool is None or row == pool.batch_size:
             pool = self._grow(min(self._max_rows, max(1, 2 * row)))
-        _write_rows(pool, slice(row, row + 1), state)
+        pool.copy_rows_(slice(row, row + 1), state)
         self.members.append(member)
 
     def decode(self, tokens: Tensor) -> Tensor:
         rows = len(self.members)
         if self._pool is None or tokens.shape != (rows,):
             raise ValueError(f"need one token per row: {rows} rows, tokens of shape {tuple(tokens.shape)}")
-        live = self._pool.rows(slice(0, rows))  # views: in-place updates land in the pool
-        before = [t for layer in live.layers for t in layer.tensors()]
+        # A one-token decode updates a view of the live rows in place (DecodeState.rows): no copy back.
+        live = self._pool.rows(slice(0, rows))
         logits = self._model.decode(tokens.view(rows, 1), live)[:, -1, :]  # (B, 1) -> (B, V)
-        # A layer may also hand back new tensors (local layers shift their window by concatenation):
-        # those go back into the pool; the ones updated in place are the pool already.
-        after = [t for layer in live.layers for t in layer.tensors()]
-        pool = [t for layer in self._pool.layers for t in layer.tensors()]
-        for old, new, target in zip(before, after, pool, strict=True):
-            if new is not old:
-                target[:rows].copy_(new)
         return logits
 
     def remove(self, members: list[M]) -> list[DecodeState]:
@@ -110,7 +95,7 @@ class SlotBatch(Generic[M]):
         for row in sorted(rows, reverse=True):
             last = len(self.members) - 1
             if row != last:
-                _write_rows(self._pool, slice(row, row + 1), self._pool.rows(slice(last, last + 1)))
+                self._pool.copy_rows_(slice(row, row + 1), self._pool.rows(slice(last, last + 1)))
                 self.members[row] = self.members[last]
             self.members.pop()
         if not self.members:
@@ -122,7 +107,7 @@ class SlotBatch(Generic[M]):
         pool = self._model.init_state(capacity)
         if self._pool is not None and self.members:
             live = slice(0, len(self.members))
-            _write_rows(pool, live, self._pool.rows(live))
+            pool.copy_rows_(live, self._pool.rows(live))
         self._pool = pool
         return pool
 

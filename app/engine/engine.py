@@ -349,7 +349,7 @@ class ChatEngine:
             text="".join(run.pieces),
             finish_reason=reason,
             state=state if error is None else None,
-            state_tokens=int(state.length[0]) if state is not None and error is None else 0,
+            state_tokens=state.seen_tokens() if state is not None and error is None else 0,
             error=error,
         )
         metrics = self._metrics
@@ -378,7 +378,7 @@ class ChatEngine:
                 continue
             state = job.request.state
             result = GenerationResult(
-                [], "", "cancelled", state, int(state.length[0]) if state is not None else 0
+                [], "", "cancelled", state, state.seen_tokens() if state is not None else 0
             )
             with self._count_lock:
                 self._in_flight -= 1
