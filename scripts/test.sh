@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up (first run only) and run the whole test suite: bash scripts/test.sh [pytest args]
+# Set up (first run only), lint and type-check, then run the whole test suite: bash scripts/test.sh [pytest args]
+# ruff check, ruff format --check and mypy ([tool.mypy] in pyproject.toml) run first; any failure stops here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh dev
@@ -18,4 +19,7 @@ if ! command -v chromium >/dev/null && [[ $(id -u) -eq 0 ]] && command -v apt-ge
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
         >/dev/null || echo "note: could not install chromium; the browser tests will be skipped" >&2
 fi
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+.venv/bin/mypy
 exec .venv/bin/python -m pytest "$@"

@@ -90,8 +90,8 @@ def openai_error_response(exc: Exception) -> JSONResponse:
         body = openai_error_body(exc.message, _error_type(status), getattr(exc, "param", None), code)
         return JSONResponse(body, status_code=status, headers=exc.headers)
     if isinstance(exc, StarletteHTTPException):  # e.g. the body-size limit while the body is read
-        code = "payload_too_large" if exc.status_code == 413 else None
-        body = openai_error_body(str(exc.detail), _error_type(exc.status_code), None, code)
+        http_code = "payload_too_large" if exc.status_code == 413 else None
+        body = openai_error_body(str(exc.detail), _error_type(exc.status_code), None, http_code)
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
     logger.exception("unhandled error in an OpenAI route", exc_info=exc)
     body = openai_error_body("internal server error; see the server log", "server_error", None, None)

@@ -125,7 +125,7 @@ async def _stream(
         yield _event("[DONE]")
     except ServiceError as exc:
         # Headers are sent: the error travels as an event, which the OpenAI SDKs raise as an APIError.
-        yield _event(json.loads(openai_error_response(exc).body))
+        yield _event(json.loads(bytes(openai_error_response(exc).body)))
     finally:
         watcher.cancel()
         await run.aclose()

@@ -72,7 +72,7 @@ class _TurnCompletion:
 
     async def finish(self) -> CompletionResult:
         outcome = await self._turn.finish()
-        reason: FinishReason = outcome.message.finish_reason or "stop"  # type: ignore[assignment]
+        reason: FinishReason = outcome.message.finish_reason or "stop"
         return CompletionResult(
             outcome.message.content, reason, outcome.prompt_tokens, outcome.completion_tokens
         )

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import MutableMapping
 from typing import Any
 
 from fastapi import APIRouter, WebSocket
@@ -114,7 +115,7 @@ class _Connection:
         elif self._busy:
             self._cancel_pending = True
 
-    async def _parse(self, message: dict[str, Any]) -> MessageFrame | CancelFrame | None:
+    async def _parse(self, message: MutableMapping[str, Any]) -> MessageFrame | CancelFrame | None:
         """The frame, or None after sending an error frame for a bad one."""
         raw = message.get("text")
         if raw is None:

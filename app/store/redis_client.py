@@ -10,7 +10,7 @@ scripts touches a single slot, which is all Redis Cluster asks of a script.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TypeAlias
+from typing import Any, TypeAlias
 from urllib.parse import urlsplit
 
 from redis.asyncio import Redis
@@ -61,7 +61,11 @@ def connect_redis(target: RedisTarget, *, timeout: float) -> RedisClient:
     both clients reconnect on a later command once the server (or, in a cluster, the slot's new
     primary) is back.
     """
-    options = {"socket_timeout": timeout, "socket_connect_timeout": timeout, "health_check_interval": 30}
+    options: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "health_check_interval": 30,
+    }
     if target.cluster:
         return RedisCluster.from_url(target.url, **options)
     return Redis.from_url(target.url, **options)

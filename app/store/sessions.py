@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Literal, cast
 
 import numpy as np
 from redis import exceptions as redis_errors
@@ -113,10 +114,10 @@ def new_session_id() -> str:
 
 @dataclass(frozen=True)
 class StoredMessage:
-    role: str
+    role: Literal["user", "assistant"]
     content: str
     created_at: str
-    finish_reason: str | None = None
+    finish_reason: Literal["stop", "length", "cancelled"] | None = None
 
     def to_json(self) -> str:
         data = {"role": self.role, "content": self.content, "created_at": self.created_at}
@@ -249,7 +250,7 @@ class SessionStore:
             )
         if len(data) != (stop - start) * _ID_BYTES:
             raise TurnConflict(session_id, f"its token ids are shorter than the {stop} its lock reported")
-        return np.frombuffer(data, dtype=_ID_DTYPE).tolist()
+        return np.frombuffer(cast(bytes, data), dtype=_ID_DTYPE).tolist()  # a bytes client
 
     async def try_lock(self, session_id: str, owner: str, token: str) -> int | None:
         """Take the session's turn lock. Returns the stored token count, or None when another turn holds
