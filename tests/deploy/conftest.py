@@ -1,11 +1,10 @@
-"""Fixtures for the deployment tests: the shared ones (tests/app/fixtures.py), a real Redis Cluster, and
+"""Fixtures for the deployment tests (the shared ones are in tests/conftest.py): a real Redis Cluster, and
 the HTTP routes the app really serves (what the compose file and Dockerfile probe must exist)."""
 
 import pytest
 
 from app.config import Settings
 from app.factory import create_app
-from tests.app.fixtures import redis_prefix, tiny_checkpoint, tiny_model, tokenizer  # noqa: F401
 from tests.deploy.redis_cluster import redis_cluster  # noqa: F401
 
 

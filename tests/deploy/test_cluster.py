@@ -1,6 +1,6 @@
 """Redis Cluster: choosing the cluster client, one slot per conversation, and the service on a real cluster.
 
-The store's own tests (tests/app/test_store.py) already run against the cluster; these cover what is
+The store's own tests (tests/app/store/test_sessions.py) already run against the cluster; these cover what is
 specific to it: REDIS_CLUSTER and `redis+cluster://` select redis-py's cluster client, every key of a
 conversation hashes to one slot whatever the prefix or session id, conversations really spread over the
 masters, and the whole service (lifespan, readiness, turns, history) runs on the cluster.
@@ -26,8 +26,8 @@ from app.deps import valid_session_id
 from app.metrics import Metrics
 from app.store.redis_client import RedisTarget, connect_redis, resolve_redis_target
 from app.store.sessions import SessionStore, new_session_id
-from tests.app.support import make_settings, new_prefix, quiet_params, running_server
 from tests.deploy.redis_cluster import ClusterInfo
+from tests.support import make_settings, new_prefix, quiet_params, running_server
 
 PARTS = ("meta", "msgs", "ids", "lock")
 

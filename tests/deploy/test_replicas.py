@@ -25,8 +25,8 @@ import httpx
 import pytest
 
 from app.config import Settings
-from tests.app.support import TEST_REDIS_URL, quiet_params
 from tests.e2e.test_state_rebuild import ADMIN, TURNS, converse, counter
+from tests.support import TEST_REDIS_URL, quiet_params
 
 REPO = Path(__file__).resolve().parents[2]
 _ANNOUNCED = re.compile(rb"serving at (http://\S+)")

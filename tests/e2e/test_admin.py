@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.app.support import make_settings, quiet_params, require_redis, serving
+from tests.support import LiveServerFactory, quiet_params
 
 ADMIN = {"Authorization": "Bearer admin-token"}
 
@@ -31,10 +31,9 @@ SERIES = [
 
 
 @pytest.fixture(scope="module")
-def base_url(tiny_checkpoint: Path) -> Iterator[str]:
-    require_redis()
-    with serving(make_settings(tiny_checkpoint, admin_token="admin-token")) as url:
-        yield url
+def base_url(live_server: LiveServerFactory) -> Iterator[str]:
+    with live_server(admin_token="admin-token") as live:
+        yield live.url
 
 
 def sample(text: str, series: str) -> float:
@@ -91,8 +90,8 @@ def test_info_describes_the_model(base_url: str, tiny_checkpoint: Path) -> None:
     assert info["auth"] == {"api_keys": False, "admin_token": True}
 
 
-def test_without_an_admin_token_metrics_are_open(tiny_checkpoint: Path) -> None:
-    require_redis()
-    with serving(make_settings(tiny_checkpoint)) as url:
+def test_without_an_admin_token_metrics_are_open(live_server: LiveServerFactory) -> None:
+    with live_server() as live:
+        url = live.url
         assert httpx.get(f"{url}/admin/metrics").status_code == 200
         assert httpx.get(f"{url}/admin/info").json()["auth"]["admin_token"] is False

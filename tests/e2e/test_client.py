@@ -11,14 +11,13 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
 from app.client import printable
 from model.tokenizer import ChatTokenizer
-from tests.app.support import endless_params, make_settings, require_redis, serving
+from tests.support import LiveServerFactory, endless_params
 
 KEY = "client-key"
 MAX_TOKENS = 4000
@@ -26,10 +25,9 @@ PROMPT = "you> "
 
 
 @pytest.fixture(scope="module")
-def base_url(tiny_checkpoint: Path) -> Iterator[str]:
-    require_redis()
-    with serving(make_settings(tiny_checkpoint, api_keys=[KEY], max_new_tokens=MAX_TOKENS)) as url:
-        yield url
+def base_url(live_server: LiveServerFactory) -> Iterator[str]:
+    with live_server(api_keys=[KEY], max_new_tokens=MAX_TOKENS) as live:
+        yield live.url
 
 
 @pytest.fixture

@@ -6,37 +6,30 @@ import asyncio
 import json
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 import redis
 
 from model.tokenizer import ChatTokenizer
-from tests.app.support import (
+from tests.support import (
     TEST_REDIS_URL,
+    LiveServerFactory,
     endless_params,
     frame,
-    make_settings,
     open_ws,
     quiet_params,
-    require_redis,
     send,
-    serving,
 )
 
 MAX_TOKENS = 4000
 
 
 @pytest.fixture(scope="module")
-def server(tiny_checkpoint: Path) -> Iterator[tuple[str, str]]:
-    require_redis()
+def server(live_server: LiveServerFactory) -> Iterator[tuple[str, str]]:
     # One reply at a time and none waiting, so that a second session's message finds the engine full.
-    settings = make_settings(
-        tiny_checkpoint, max_new_tokens=MAX_TOKENS, max_running_requests=1, max_waiting_requests=0
-    )
-    with serving(settings) as url:
-        yield url, settings.redis_key_prefix
+    with live_server(max_new_tokens=MAX_TOKENS, max_running_requests=1, max_waiting_requests=0) as live:
+        yield live.url, live.prefix
 
 
 def test_two_concurrent_turns_on_one_session_one_gets_409(

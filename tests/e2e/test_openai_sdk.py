@@ -12,7 +12,7 @@ import openai
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
-from tests.app.support import make_settings, require_redis, serving
+from tests.support import LiveServerFactory
 
 KEY = "sdk-key"
 MAX_TOKENS = 64
@@ -21,12 +21,9 @@ HELLO = [{"role": "user", "content": "Hello there!"}]
 
 
 @pytest.fixture(scope="module")
-def base_url(tiny_checkpoint: Path) -> Iterator[str]:
-    require_redis()
-    with serving(
-        make_settings(tiny_checkpoint, api_keys=[KEY, "other-key"], max_new_tokens=MAX_TOKENS)
-    ) as url:
-        yield url
+def base_url(live_server: LiveServerFactory) -> Iterator[str]:
+    with live_server(api_keys=[KEY, "other-key"], max_new_tokens=MAX_TOKENS) as live:
+        yield live.url
 
 
 @pytest.fixture(scope="module")

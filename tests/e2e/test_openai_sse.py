@@ -8,7 +8,6 @@ import json
 import re
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,7 +15,11 @@ import pytest
 import redis
 
 from model.tokenizer import ChatTokenizer
-from tests.app.support import TEST_REDIS_URL, endless_params, make_settings, require_redis, serving
+from tests.support import (
+    TEST_REDIS_URL,
+    LiveServerFactory,
+    endless_params,
+)
 
 KEY = {"Authorization": "Bearer sse-key"}
 MAX_TOKENS = 4000  # endless replies run until the test hangs up on them
@@ -26,12 +29,10 @@ EVENT = re.compile(rb"data: (.*?)\n\n", re.DOTALL)
 
 
 @pytest.fixture(scope="module")
-def server(tiny_checkpoint: Path) -> Iterator[tuple[str, str]]:
+def server(live_server: LiveServerFactory) -> Iterator[tuple[str, str]]:
     """(base URL, Redis key prefix)."""
-    require_redis()
-    settings = make_settings(tiny_checkpoint, api_keys=["sse-key"], max_new_tokens=MAX_TOKENS)
-    with serving(settings) as url:
-        yield url, settings.redis_key_prefix
+    with live_server(api_keys=["sse-key"], max_new_tokens=MAX_TOKENS) as live:
+        yield live.url, live.prefix
 
 
 @pytest.fixture

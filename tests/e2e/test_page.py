@@ -30,13 +30,13 @@ import uvicorn
 from app.config import Settings
 from app.factory import create_app
 from model.tokenizer import ChatTokenizer
-from tests.app.support import (
+from tests.support import (
+    LiveServerFactory,
     delete_prefix,
     endless_params,
     free_port,
     make_settings,
     require_redis,
-    serving,
 )
 
 playwright = pytest.importorskip(
@@ -81,10 +81,9 @@ def browser() -> Iterator[Browser]:
 
 
 @pytest.fixture(scope="module")
-def base_url(tiny_checkpoint: Path) -> Iterator[str]:
-    require_redis()
-    with serving(make_settings(tiny_checkpoint, api_keys=[KEY], max_new_tokens=SHORT_REPLIES)) as url:
-        yield url
+def base_url(live_server: LiveServerFactory) -> Iterator[str]:
+    with live_server(api_keys=[KEY], max_new_tokens=SHORT_REPLIES) as live:
+        yield live.url
 
 
 @pytest.fixture
@@ -216,11 +215,11 @@ def test_a_reply_streams_and_the_history_survives_a_reload(
 
 
 def test_stop_cancels_a_long_reply(
-    context: BrowserContext, tiny_checkpoint: Path, tokenizer: ChatTokenizer
+    context: BrowserContext, live_server: LiveServerFactory, tokenizer: ChatTokenizer
 ) -> None:
     endless = endless_params(tokenizer, MAX_TOKENS)
-    require_redis()
-    with serving(make_settings(tiny_checkpoint, max_new_tokens=MAX_TOKENS)) as url:
+    with live_server(max_new_tokens=MAX_TOKENS) as live:
+        url = live.url
         page = context.new_page()
         page.set_default_timeout(HANG_GUARD_MS)
         # logit_bias against every token that could end the reply, added to the page's own frames

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.app.support import quiet_params
+from tests.support import quiet_params
 
 URL_LINE = "reformer-chat is serving at "
 

@@ -11,7 +11,7 @@ import httpx
 import redis
 
 from app.store.embedded_redis import EmbeddedRedis
-from tests.app.support import frame, free_port, make_settings, open_ws, quiet_params, running_server
+from tests.support import frame, free_port, make_settings, open_ws, quiet_params, running_server
 
 
 class RedisProcess:

@@ -6,7 +6,6 @@ import asyncio
 import json
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,13 +14,11 @@ import pytest
 import redis
 
 from model.tokenizer import ChatTokenizer
-from tests.app.support import (
+from tests.support import (
     TEST_REDIS_URL,
+    LiveServerFactory,
     endless_params,
-    make_settings,
     quiet_params,
-    require_redis,
-    serving,
 )
 
 KEY_A = {"Authorization": "Bearer key-a"}
@@ -32,12 +29,10 @@ MAX_TOKENS = 4000
 
 
 @pytest.fixture(scope="module")
-def server(tiny_checkpoint: Path) -> Iterator[tuple[str, str]]:
+def server(live_server: LiveServerFactory) -> Iterator[tuple[str, str]]:
     """(base URL, key prefix) of a server with two API keys."""
-    require_redis()
-    settings = make_settings(tiny_checkpoint, api_keys=["key-a", "key-b"], max_new_tokens=MAX_TOKENS)
-    with serving(settings) as url:
-        yield url, settings.redis_key_prefix
+    with live_server(api_keys=["key-a", "key-b"], max_new_tokens=MAX_TOKENS) as live:
+        yield live.url, live.prefix
 
 
 @pytest.fixture

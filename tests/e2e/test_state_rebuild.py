@@ -10,27 +10,22 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.app.support import make_settings, new_prefix, quiet_params, require_redis, serving
+from tests.support import LiveServerFactory, new_prefix, quiet_params
 
 TURNS = ("Hi there!", "What do you do for fun?", "That sounds nice. Anything else?", "Ok, bye!")
 ADMIN = {"Authorization": "Bearer admin"}
 
 
 @pytest.fixture(scope="module")
-def replicas(tiny_checkpoint: Path) -> Iterator[tuple[str, str]]:
+def replicas(live_server: LiveServerFactory) -> Iterator[tuple[str, str]]:
     """(URL of the caching replica, URL of the cacheless replica), sharing one key prefix."""
-    require_redis()
-    prefix = new_prefix()
-    common = {"redis_key_prefix": prefix, "admin_token": "admin", "prefill_chunk_tokens": 7}
-    warm = make_settings(tiny_checkpoint, **common)
-    cold = make_settings(tiny_checkpoint, state_cache_bytes=0, **common)
-    with serving(warm) as warm_url, serving(cold) as cold_url:
-        yield warm_url, cold_url
+    common = {"redis_key_prefix": new_prefix(), "admin_token": "admin", "prefill_chunk_tokens": 7}
+    with live_server(**common) as warm, live_server(state_cache_bytes=0, **common) as cold:
+        yield warm.url, cold.url
 
 
 def converse(urls: list[str]) -> list[str]:

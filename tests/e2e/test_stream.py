@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,15 +13,13 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection
 
 from model.tokenizer import ChatTokenizer
-from tests.app.support import (
+from tests.support import (
+    LiveServerFactory,
     endless_params,
     frame,
-    make_settings,
     open_ws,
     quiet_params,
-    require_redis,
     send,
-    serving,
 )
 
 KEY = "stream-key"
@@ -31,12 +28,9 @@ MAX_TOKENS = 4000  # endless replies run until the test cancels them
 
 
 @pytest.fixture(scope="module")
-def base_url(tiny_checkpoint: Path) -> Iterator[str]:
-    require_redis()
-    with serving(
-        make_settings(tiny_checkpoint, api_keys=[KEY, "other-key"], max_new_tokens=MAX_TOKENS)
-    ) as url:
-        yield url
+def base_url(live_server: LiveServerFactory) -> Iterator[str]:
+    with live_server(api_keys=[KEY, "other-key"], max_new_tokens=MAX_TOKENS) as live:
+        yield live.url
 
 
 @pytest.fixture

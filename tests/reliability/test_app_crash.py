@@ -15,8 +15,8 @@ from typing import Any
 import httpx
 
 from model.tokenizer import ChatTokenizer
-from tests.app.support import endless_params, frame, new_prefix, open_ws, quiet_params, send
 from tests.reliability.processes import AppProcess, RedisServer, app_env
+from tests.support import endless_params, frame, new_prefix, open_ws, quiet_params, send
 
 MAX_TOKENS = 4000
 ADMIN = {"Authorization": "Bearer admin"}

@@ -8,7 +8,6 @@ Authorization header); websockets have no CORS, so their handshake's Origin is c
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -17,7 +16,13 @@ from websockets.exceptions import InvalidStatus
 
 from app.config import Settings
 from app.security import normalize_origin, websocket_origin_allowed
-from tests.app.support import frame, make_settings, open_ws, quiet_params, require_redis, send, serving
+from tests.support import (
+    LiveServerFactory,
+    frame,
+    open_ws,
+    quiet_params,
+    send,
+)
 
 FRIEND = "https://chat.example.com"
 STRANGER = "https://evil.example"
@@ -25,19 +30,16 @@ PREFLIGHT = {"Access-Control-Request-Method": "POST", "Access-Control-Request-He
 
 
 @pytest.fixture(scope="module")
-def closed(tiny_checkpoint: Path) -> Iterator[str]:
+def closed(live_server: LiveServerFactory) -> Iterator[str]:
     """A server with the defaults: no CORS origins, no extra websocket origins."""
-    require_redis()
-    with serving(make_settings(tiny_checkpoint)) as url:
-        yield url
+    with live_server() as live:
+        yield live.url
 
 
 @pytest.fixture(scope="module")
-def configured(tiny_checkpoint: Path) -> Iterator[str]:
-    require_redis()
-    settings = make_settings(tiny_checkpoint, cors_allow_origins=FRIEND, ws_allowed_origins=FRIEND)
-    with serving(settings) as url:
-        yield url
+def configured(live_server: LiveServerFactory) -> Iterator[str]:
+    with live_server(cors_allow_origins=FRIEND, ws_allowed_origins=FRIEND) as live:
+        yield live.url
 
 
 def test_origins_are_normalised_as_browsers_send_them() -> None:

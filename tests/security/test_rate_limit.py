@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -15,17 +14,16 @@ from redis.asyncio import Redis
 
 from app.metrics import Metrics
 from app.ratelimit import RateLimited, RateLimiter
-from tests.app.support import (
+from tests.support import (
     TEST_REDIS_URL,
+    LiveServerFactory,
     delete_prefix,
     frame,
-    make_settings,
     new_prefix,
     open_ws,
     quiet_params,
     require_redis,
     send,
-    serving,
 )
 
 LIMIT = 3  # per minute: a burst of 3, then one every 20 s, so a test never sees a refill by accident
@@ -34,17 +32,15 @@ KEY_B = {"Authorization": "Bearer key-b"}
 
 
 @pytest.fixture(scope="module")
-def replicas(tiny_checkpoint: Path) -> Iterator[tuple[str, str]]:
+def replicas(live_server: LiveServerFactory) -> Iterator[tuple[str, str]]:
     """Two servers with API keys on one key prefix, like two replicas."""
-    require_redis()
-    prefix = new_prefix()
-    keys = ["key-a", "key-b", "key-c"]
-    first, second = (
-        make_settings(tiny_checkpoint, api_keys=keys, rate_limit_per_minute=LIMIT, redis_key_prefix=prefix)
-        for _ in range(2)
-    )
-    with serving(first) as one, serving(second) as two:
-        yield one, two
+    common = {
+        "api_keys": ["key-a", "key-b", "key-c"],
+        "rate_limit_per_minute": LIMIT,
+        "redis_key_prefix": new_prefix(),
+    }
+    with live_server(**common) as one, live_server(**common) as two:
+        yield one.url, two.url
 
 
 def assert_rate_limited(response: httpx.Response) -> None:
@@ -100,10 +96,10 @@ def test_websocket_messages_spend_the_same_budget(replicas: tuple[str, str]) -> 
         ]
 
 
-def test_an_open_api_limits_each_client_address(tiny_checkpoint: Path) -> None:
+def test_an_open_api_limits_each_client_address(live_server: LiveServerFactory) -> None:
     """Without API keys everyone is "anonymous": the budget is per address, not one for all."""
-    require_redis()
-    with serving(make_settings(tiny_checkpoint, rate_limit_per_minute=2)) as url:
+    with live_server(rate_limit_per_minute=2) as live:
+        url = live.url
         here = httpx.Client(base_url=url)
         there = httpx.Client(base_url=url, transport=httpx.HTTPTransport(local_address="127.0.0.2"))
         with here, there:

@@ -15,7 +15,6 @@ import logging
 import re
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -27,15 +26,13 @@ from app.metrics import Metrics
 from app.store.sessions import new_session_id
 from model.reformer import ReformerLM
 from model.tokenizer import ChatTokenizer
-from tests.app.support import (
+from tests.support import (
     TEST_REDIS_URL,
+    LiveServerFactory,
     frame,
-    make_settings,
     open_ws,
     quiet_params,
-    require_redis,
     send,
-    serving,
 )
 
 SECRET_A, SECRET_B = "alpha-secret-key-0123", "bravo-secret-key-4567"
@@ -45,14 +42,10 @@ ADMIN = {"Authorization": "Bearer admin"}
 
 
 @pytest.fixture(scope="module")
-def server(tiny_checkpoint: Path) -> Iterator[tuple[str, str]]:
+def server(live_server: LiveServerFactory) -> Iterator[tuple[str, str]]:
     """(base URL, key prefix) of a server with two tenants."""
-    require_redis()
-    settings = make_settings(
-        tiny_checkpoint, api_keys=[SECRET_A, SECRET_B], admin_token="admin", rate_limit_per_minute=0
-    )
-    with serving(settings) as url:
-        yield url, settings.redis_key_prefix
+    with live_server(api_keys=[SECRET_A, SECRET_B], admin_token="admin", rate_limit_per_minute=0) as live:
+        yield live.url, live.prefix
 
 
 def counter(url: str, name: str) -> float:
@@ -171,14 +164,13 @@ class Collect(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-def test_a_key_in_the_websocket_url_never_reaches_the_server_log(tiny_checkpoint: Path) -> None:
+def test_a_key_in_the_websocket_url_never_reaches_the_server_log(live_server: LiveServerFactory) -> None:
     """Browsers cannot set headers on a websocket, so the page sends `?api_key=`: uvicorn logs that URL
     at INFO, and the record must arrive redacted."""
-    require_redis()
     collect = Collect()
     loggers = [logging.getLogger(name) for name in ("uvicorn.error", "uvicorn.access")]
-    settings = make_settings(tiny_checkpoint, api_keys=[SECRET_A], log_level="info", rate_limit_per_minute=0)
-    with serving(settings) as url:
+    with live_server(api_keys=[SECRET_A], log_level="info", rate_limit_per_minute=0) as live:
+        url = live.url
         for logger in loggers:
             logger.addHandler(collect)
         try:

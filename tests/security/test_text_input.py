@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,19 +14,21 @@ import pytest
 import redis
 
 from model.tokenizer import ASSISTANT, END, SYSTEM, USER, ChatTokenizer
-from tests.app.support import TEST_REDIS_URL, make_settings, quiet_params, require_redis, serving
+from tests.support import (
+    TEST_REDIS_URL,
+    LiveServerFactory,
+    quiet_params,
+)
 
 MAX_CHARS = 400  # make_settings' MAX_MESSAGE_CHARS
 JSON = {"Content-Type": "application/json"}
 
 
 @pytest.fixture(scope="module")
-def server(tiny_checkpoint: Path) -> Iterator[tuple[str, str]]:
+def server(live_server: LiveServerFactory) -> Iterator[tuple[str, str]]:
     """(base URL, key prefix)."""
-    require_redis()
-    settings = make_settings(tiny_checkpoint, rate_limit_per_minute=0)
-    with serving(settings) as url:
-        yield url, settings.redis_key_prefix
+    with live_server(rate_limit_per_minute=0) as live:
+        yield live.url, live.prefix
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,15 +19,13 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection
 
 from model.tokenizer import ChatTokenizer
-from tests.app.support import (
+from tests.support import (
+    LiveServerFactory,
     endless_params,
     frame,
-    make_settings,
     open_ws,
     quiet_params,
-    require_redis,
     send,
-    serving,
 )
 
 KEY = {"Authorization": "Bearer ws-key"}
@@ -37,13 +34,9 @@ CANCELS = 2000
 
 
 @pytest.fixture(scope="module")
-def base_url(tiny_checkpoint: Path) -> Iterator[str]:
-    require_redis()
-    settings = make_settings(
-        tiny_checkpoint, api_keys=["ws-key"], max_new_tokens=MAX_TOKENS, rate_limit_per_minute=0
-    )
-    with serving(settings) as url:
-        yield url
+def base_url(live_server: LiveServerFactory) -> Iterator[str]:
+    with live_server(api_keys=["ws-key"], max_new_tokens=MAX_TOKENS, rate_limit_per_minute=0) as live:
+        yield live.url
 
 
 @pytest.fixture

@@ -17,8 +17,8 @@ from app.errors import SessionBusy, SessionNotFound, StoreUnavailable
 from app.metrics import Metrics
 from app.store.redis_client import RedisClient, connect_redis, resolve_redis_target
 from app.store.sessions import SessionStore, StoredMessage, TurnConflict
-from tests.app.support import TEST_REDIS_URL, free_port, new_prefix
 from tests.deploy.redis_cluster import ClusterInfo, redis_cluster  # noqa: F401 (a session fixture)
+from tests.support import TEST_REDIS_URL, free_port, new_prefix
 
 TTL = 3600
 

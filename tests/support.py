@@ -1,5 +1,5 @@
-"""Shared by tests/app and tests/e2e: a tiny real checkpoint, test settings, a real uvicorn server on a
-free loopback port, and Redis clean-up under a test-owned key prefix.
+"""Shared test support (the fixtures that use it are in tests/conftest.py): a tiny real checkpoint, test
+settings, a real uvicorn server on a free loopback port, and Redis clean-up under a test-owned key prefix.
 
 Nothing here is a fake: the checkpoint is a randomly initialised ReformerLM saved by save_checkpoint with
 a SentencePiece tokenizer trained on a slice of the corpus, loaded through MODEL_DIR like production.
@@ -14,8 +14,9 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +140,32 @@ def serving(settings: Settings) -> Iterator[str]:
     finally:
         if settings.redis_url == TEST_REDIS_URL:
             delete_prefix(settings.redis_key_prefix)
+
+
+@dataclass(frozen=True)
+class LiveServer:
+    """A running test server: its base URL and the settings it runs with."""
+
+    url: str
+    settings: Settings
+
+    @property
+    def prefix(self) -> str:
+        """Its Redis key prefix (unique per server)."""
+        return self.settings.redis_key_prefix
+
+
+# The `live_server` fixture (tests/conftest.py): `with live_server(**settings) as live:`.
+LiveServerFactory = Callable[..., AbstractContextManager[LiveServer]]
+
+
+@contextmanager
+def live_server(checkpoint: Path, **overrides: Any) -> Iterator[LiveServer]:
+    """serving(make_settings(checkpoint, **overrides)) on CI's Redis (skips the test without one)."""
+    require_redis()
+    settings = make_settings(checkpoint, **overrides)
+    with serving(settings) as url:
+        yield LiveServer(url, settings)
 
 
 def require_redis() -> None:

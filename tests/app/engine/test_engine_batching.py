@@ -12,7 +12,7 @@ import torch
 from app.engine import ChatEngine, GenerationHandle, GenerationRequest, GenerationResult
 from model import ReformerConfig, ReformerLM, SamplingParams
 from model.tokenizer import ChatTokenizer
-from tests.app.test_engine import Model, banned, collect, one_thread, request, run_engine  # noqa: F401
+from tests.app.engine.test_engine import Model, banned, collect, one_thread, request, run_engine  # noqa: F401
 
 
 def history(tokenizer: ChatTokenizer, length: int, seed: int) -> list[int]:
