@@ -1,8 +1,8 @@
 """ChatService: one chat turn from validated input to a stored reply, shared by REST and the websocket.
 
-A turn: take the session's Redis lock -> take its cached decode state (or none) -> read only the stored
-token ids that state has not seen -> tokenise just the new user message -> generate on the engine thread
--> write user message, reply and token ids in one script -> put the state back -> release the lock.
+A turn: take the session's Redis lock -> tokenise just the new user message -> take its cached decode
+state (or none) -> read only the stored token ids that state has not seen -> generate on the engine
+thread -> write user message, reply and token ids in one script -> put the state back -> release the lock.
 Routes only validate, call this, and shape the response.
 """
 

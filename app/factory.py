@@ -1,7 +1,10 @@
-"""create_app(): the app factory. The lifespan wires settings -> store -> model -> engine -> routes.
+"""create_app(): the app factory. Its lifespan wires the services: model -> Redis (the embedded one when
+REDIS_URL is unset) -> store and rate limiter -> engine and state cache -> ChatService, all in one
+`Services` record that routes reach through app/deps.py.
 
 Nothing is created at import time: no settings read, no Redis client, no model load. Every app (tests
-build several in one process) gets its own store, engine, state cache and metrics registry.
+build several in one process) gets its own store, engine, state cache and metrics registry. The process
+entry point that serves it is app/cli.py.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ block's size (up to 32 MiB). After the first long prefill, the activation blocks
 from the heap, and the heap keeps its high-water mark: the server's resident memory then depends on the
 longest history it ever rebuilt, which is what a bounded decode state is meant to prevent. Setting the
 threshold explicitly turns the dynamic adjustment off (as MALLOC_MMAP_THRESHOLD_ in the environment does;
-bench/serve.py measured 1.01x memory from 1K to 64K of history with it against 1.04-1.12x without).
+bench/serve.py measures the memory growth with and without it: docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """ChatEngine: owns the model on one dedicated thread and hands generated text back to asyncio.
 
-The event loop never runs torch: routes submit a GenerationRequest, the engine thread runs it, and each
-text piece travels back through `loop.call_soon_threadsafe` into the request's own asyncio.Queue.
+The event loop never runs torch: routes submit a GenerationRequest, the engine thread runs it, and the
+text pieces and results of each step go back to the event loop together (`Outbox`, one
+`loop.call_soon_threadsafe` per step) into each request's own asyncio.Queue.
 
 Continuous batching. The thread runs steps; each step
 1. admits waiting requests, up to `max_running` in flight (beyond that they wait; beyond `max_waiting`
@@ -10,14 +11,15 @@ Continuous batching. The thread runs steps; each step
    calls: a request's new turn, or a whole conversation re-fed after a cache miss. A 64 K-token rebuild
    therefore takes many steps, and the conversations already streaming get a token at every one of them
    instead of waiting;
-3. decodes the next token of every row in one `model.decode()` call (app/engine/batching.py), and samples each
-   generating row with its own parameters and generator (`sample_rows`).
+3. decodes the next token of every row in one `model.decode()` call (app/engine/batching.py), and
+   samples each generating row with its own parameters and generator (`sample_rows`).
 Requests join the batch when their prompt is fed and leave when their reply ends; neither waits for
 the others. A short prompt (at most `batch_prompt_tokens`) that arrives while other requests run skips
 step 2: it joins the batch at once and feeds one prompt token per step alongside the others. A separate
 prefill call costs about as much as the state's capacity (the cached entries are sorted together with
-the new tokens) whatever the prompt's length, while a row of a decode step costs a few milliseconds, so
-under load this keeps every short turn inside the batch; alone, the one prefill call is faster.
+the new tokens) whatever the prompt's length, while a row of a decode step is far cheaper (figures in
+docs/BENCHMARKS.md), so under load this keeps every short turn inside the batch; alone, the one prefill
+call is faster.
 A row's tokens are the ones it would get alone: greedy replies match token for token, and a
 seeded reply does not depend on its batch companions.
 """

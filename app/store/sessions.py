@@ -12,8 +12,8 @@ The token ids are what rebuilds a decode state, so a turn never re-tokenises his
 read just the tail it needs (GETRANGE) instead of the whole conversation. Every change is one Lua script,
 so no reader ever sees a half turn, and every access slides the TTL of all three data keys.
 
-The same code runs on one Redis and on a Redis Cluster (app/store/redis_client.py): every script is handed all
-the keys it touches in KEYS, and they are always keys of one session, so one hash tag and one slot.
+The same code runs on one Redis and on a Redis Cluster (app/store/redis_client.py): every script is handed
+all the keys it touches in KEYS, and they are always keys of one session, so one hash tag and one slot.
 """
 
 from __future__ import annotations
