@@ -3,7 +3,8 @@
 A batch that rows join and leave keeps one state and decodes a view of its live rows in place
 (app/engine/batching.py). That is only correct if (a) copy_rows_ moves a row's whole state, length
 included, and (b) a one-token decode updates a state in place, so decoding a view of some rows leaves
-the big state exactly as decoding each row on its own would, and the rows outside the view untouched.
+the big state exactly as decoding each row on its own would (property 6, batch rows never mix, on a view
+of a larger state), and the rows outside the view untouched.
 """
 
 import pytest
