@@ -1,15 +1,21 @@
 """ChatService: one chat turn from validated input to a stored reply, shared by REST and the websocket.
 
-A turn: take the session's Redis lock -> tokenise just the new user message -> take its cached decode
+A turn: take the session's Redis lock -> tokenise just the new input messages -> take its cached decode
 state (or none) -> read only the stored token ids that state has not seen -> generate on the engine
-thread -> write user message, reply and token ids in one script -> put the state back -> release the lock.
+thread -> write input messages, reply and token ids in one script -> put the state back -> release the
+lock.
 Routes only validate, call this, and shape the response.
+
+A turn may first cut history back (regenerate the last reply, edit the last user message): the cut is
+written in the same script as the new turn, and a cached state is used only if it has seen nothing past
+the cut and was built under the same rewind count (app/store/sessions.py); otherwise the state is rebuilt
+from the kept token ids, so it never remembers removed text.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from types import TracebackType
@@ -25,18 +31,38 @@ from app.engine import (
 )
 from app.errors import EngineFailed, InvalidRequest, SessionNotFound, StoreUnavailable
 from app.schemas import SamplingFields
-from app.store.sessions import SessionRecord, SessionStore, StoredMessage, TurnConflict, TurnLock, utc_now
+from app.store.history import ConversationInfo, HistoryStore, RewindTarget
+from app.store.index import SessionIndex
+from app.store.sessions import (
+    Rewind,
+    Role,
+    SessionRecord,
+    SessionStore,
+    StoredMessage,
+    StoredResponse,
+    TurnConflict,
+    TurnLock,
+    utc_now,
+)
 from model import ChatTokenizer, SamplingParams
 
 logger = logging.getLogger(__name__)
 
 
+TITLE_CHARS = 80  # a conversation's title: the start of its first user message
+
+# (role, content) of a message a turn adds before the reply.
+InputMessage = tuple[Role, str]
+
+
 @dataclass(frozen=True)
 class TurnOutcome:
-    message: StoredMessage  # the assistant's reply as stored
-    prompt_tokens: int  # the new user turn plus the assistant prefix
+    message: StoredMessage  # the assistant's reply as stored (with its seq)
+    prompt_tokens: int  # the new input messages plus the assistant prefix
     completion_tokens: int
     context_tokens: int  # stored token ids after this turn
+    inputs: tuple[StoredMessage, ...] = ()  # the input messages as stored (with their seqs)
+    cached_tokens: int = 0  # context the cached decode state had already seen (not fed again)
 
 
 class ChatService:
@@ -49,24 +75,88 @@ class ChatService:
         state_cache: StateCache,
         tokenizer: ChatTokenizer,
         settings: Settings,
+        history: HistoryStore,
+        index: SessionIndex,
     ) -> None:
         self.store = store
         self.engine = engine
         self.state_cache = state_cache
         self.tokenizer = tokenizer
         self.settings = settings
+        self.history = history
+        self.index = index
         # A reply ends at end-of-turn, or if the model starts another turn (a role token) instead.
         self._stop_ids = (tokenizer.end_id, tokenizer.user_id, tokenizer.assistant_id, tokenizer.system_id)
 
-    async def create_session(self, owner: str) -> SessionRecord:
-        return await self.store.create(owner)
+    async def create_session(
+        self, owner: str, *, metadata: dict[str, str] | None = None, listed: bool = True
+    ) -> SessionRecord:
+        """A new conversation; `listed` ones appear in the owner's list (the index entry comes first,
+        see app/store/index.py), the hidden ones hold Responses API chains."""
+        if listed:
+            record = await self.store.create(owner, metadata=metadata)
+            await self.index.add(owner, record.session_id)
+            return record
+        return await self.store.create(owner, kind="responses", metadata=metadata)
 
     async def get_session(self, owner: str, session_id: str, *, with_messages: bool = True) -> SessionRecord:
-        return await self.store.get(session_id, owner, with_messages=with_messages)
+        record = await self.store.get(session_id, owner, with_messages=with_messages)
+        await self.index.touched(owner)
+        return record
+
+    async def info(
+        self, owner: str, session_id: str, *, metadata: dict[str, str] | None = None
+    ) -> ConversationInfo:
+        info = await self.history.info(session_id, owner, metadata=metadata)
+        await self.index.touched(owner)
+        return info
 
     async def delete_session(self, owner: str, session_id: str) -> None:
         await self.store.delete(session_id, owner)
         self.state_cache.discard((owner, session_id))
+        await self.index.remove(owner, session_id)
+
+    async def append_messages(
+        self, owner: str, session_id: str, messages: Sequence[InputMessage]
+    ) -> tuple[StoredMessage, ...]:
+        """Add messages without generating (the Conversations API's items.create): their token ids are
+        appended like a turn's, so the next turn's state (cached or rebuilt) has seen them."""
+        stored = self.stored_inputs(messages)
+        new_ids = [i for _, ids in stored for i in ids]
+        async with self.store.turn_lock(session_id, owner) as lock:
+            try:
+                await self.store.append_turn(
+                    session_id,
+                    owner,
+                    lock,
+                    new_ids=new_ids,
+                    messages=[m for m, _ in stored],
+                    title=title_of(messages),
+                )
+            except TurnConflict as exc:
+                raise _conflict_error(exc, session_id, self.settings.retry_after_seconds) from exc
+        await self.index.touched(owner, session_id)
+        return tuple(
+            StoredMessage(m.role, m.content, m.created_at, None, m.tokens, lock.seq + 1 + j)
+            for j, (m, _) in enumerate(stored)
+        )
+
+    async def remove_message(self, owner: str, session_id: str, seq: int) -> None:
+        """Delete one message and its token ids; the session's cached state is dropped (a state that
+        saw the message must never be reused, here or on another replica: see app/store/sessions.py)."""
+        async with self.store.turn_lock(session_id, owner) as lock:
+            self.state_cache.discard((owner, session_id))
+            await self.history.remove(session_id, owner, lock, seq)
+        await self.index.touched(owner, session_id)
+
+    def stored_inputs(self, messages: Sequence[InputMessage]) -> list[tuple[StoredMessage, list[int]]]:
+        """Each input message as it will be stored, with its own token ids (its span)."""
+        now = utc_now()
+        out = []
+        for role, content in messages:
+            ids = self.tokenizer.encode_turn(role, content)
+            out.append((StoredMessage(role, content, now, tokens=len(ids)), ids))
+        return out
 
     def check_content(self, content: str) -> str:
         """The user message, refused (422) when blank or longer than MAX_MESSAGE_CHARS."""
@@ -113,13 +203,39 @@ class ChatService:
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from exc
 
-    def turn(self, owner: str, session_id: str, content: str, params: SamplingParams) -> Turn:
-        """A turn to run as `async with service.turn(...) as turn:`; see Turn."""
-        return Turn(self, owner, session_id, content, params)
+    def turn(
+        self,
+        owner: str,
+        session_id: str,
+        content: str | Sequence[InputMessage],
+        params: SamplingParams,
+        *,
+        rewind: RewindTarget | None = None,
+        respond: Responder | None = None,
+    ) -> Turn:
+        """A turn to run as `async with service.turn(...) as turn:`; see Turn. `content` is the user
+        message, or the messages to add before the reply (none: answer the history as it stands)."""
+        inputs: list[InputMessage] = [("user", content)] if isinstance(content, str) else list(content)
+        return Turn(self, owner, session_id, inputs, params, rewind=rewind, respond=respond)
+
+
+def title_of(messages: Sequence[InputMessage]) -> str:
+    first = next((content for role, content in messages if role == "user"), "")
+    return " ".join(first.split())[:TITLE_CHARS]
+
+
+def _conflict_error(exc: TurnConflict, session_id: str, retry_after: int) -> Exception:
+    if exc.deleted:
+        return SessionNotFound(session_id)
+    return StoreUnavailable(str(exc), retry_after=retry_after)
+
+
+# Builds the Responses API object stored with a turn, from the turn as it will be stored.
+Responder = Callable[[TurnOutcome], StoredResponse]
 
 
 class Turn:
-    """One user message and its reply, as an async context manager.
+    """Input messages and their reply, as an async context manager.
 
     Entering takes the lock and submits the generation (SessionNotFound, SessionBusy, Overloaded and
     StoreUnavailable surface here, before anything is generated). `pieces()` streams the reply text;
@@ -128,16 +244,29 @@ class Turn:
     """
 
     def __init__(
-        self, service: ChatService, owner: str, session_id: str, content: str, params: SamplingParams
+        self,
+        service: ChatService,
+        owner: str,
+        session_id: str,
+        inputs: list[InputMessage],
+        params: SamplingParams,
+        *,
+        rewind: RewindTarget | None = None,
+        respond: Responder | None = None,
     ):
         self._service = service
         self._owner = owner
         self.session_id = session_id
-        self._content = content
+        self._inputs = inputs
         self._params = params
+        self._rewind_target = rewind
+        self._respond = respond
         self._key: CacheKey = (owner, session_id)
         self._stack = AsyncExitStack()
         self._lock: TurnLock | None = None
+        self._rewind: Rewind | None = None
+        self._stored_inputs: list[tuple[StoredMessage, list[int]]] = []
+        self._cached_tokens = 0
         self._handle: GenerationHandle | None = None
         self._outcome: TurnOutcome | None = None
         self._finish_called = False
@@ -151,16 +280,23 @@ class Turn:
                 service.store.turn_lock(self.session_id, self._owner)
             )
             self.created_at = utc_now()
+            self._stored_inputs = service.stored_inputs(self._inputs)
             self.prompt_ids = [
-                *service.tokenizer.encode_turn("user", self._content),
+                *(i for _, ids in self._stored_inputs for i in ids),
                 service.tokenizer.assistant_id,
             ]
-            cached = service.state_cache.take(self._key)
             stored = self._lock.context_tokens
-            if cached is not None and cached.tokens > stored:
-                logger.warning("cached state of %s is ahead of the store; rebuilding", self.session_id)
+            if self._rewind_target is not None:
+                self._rewind = await service.history.plan_rewind(
+                    self.session_id, self._lock, self._rewind_target
+                )
+                stored = self._rewind.keep_tokens
+            cached = service.state_cache.take(self._key)
+            if cached is not None and (cached.tokens > stored or cached.rewinds != self._lock.rewinds):
+                # Ahead of the (kept) history, or built before a cut: it may have seen text that is gone.
                 cached = None
             start = cached.tokens if cached is not None else 0
+            self._cached_tokens = start
             history = await service.store.read_ids(self.session_id, start, stored)
             request = GenerationRequest(
                 state=cached.state if cached is not None else None,
@@ -173,7 +309,7 @@ class Turn:
                 self._handle = service.engine.submit(request)
             except BaseException:
                 if cached is not None:  # not consumed: keep it for the next turn
-                    service.state_cache.put(self._key, cached.state, cached.tokens)
+                    service.state_cache.put(self._key, cached.state, cached.tokens, cached.rewinds)
                 raise
         except TurnConflict as exc:
             await self._stack.aclose()
@@ -196,6 +332,13 @@ class Turn:
                     logger.warning("could not store the cancelled turn of %s", self.session_id, exc_info=True)
         finally:
             await self._stack.aclose()
+
+    @property
+    def reply_seq(self) -> int:
+        """The number the reply will be stored under (known once the lock is held)."""
+        if self._lock is None:
+            raise RuntimeError("use the turn inside `async with`")
+        return self._lock.seq + len(self._inputs) + 1
 
     def cancel(self) -> None:
         """Stop generating within one decode step; finish() then stores the partial reply."""
@@ -227,23 +370,42 @@ class Turn:
 
     async def _store(self, result: GenerationResult, lock: TurnLock) -> TurnOutcome:
         service = self._service
-        reply = StoredMessage("assistant", result.text, utc_now(), result.finish_reason)
         # The stored ids always close the turn with end-of-turn, whatever stopped it, so the next turn's
         # context is well formed; the state has seen a prefix of these ids, never more.
-        new_ids = [*self.prompt_ids, *result.token_ids, service.tokenizer.end_id]
+        reply_ids = [service.tokenizer.assistant_id, *result.token_ids, service.tokenizer.end_id]
+        first_seq = lock.seq + 1
+        inputs = tuple(
+            StoredMessage(m.role, m.content, self.created_at, None, m.tokens, first_seq + j)
+            for j, (m, _) in enumerate(self._stored_inputs)
+        )
+        reply = StoredMessage(
+            "assistant", result.text, utc_now(), result.finish_reason, len(reply_ids), first_seq + len(inputs)
+        )
+        kept = lock.context_tokens if self._rewind is None else self._rewind.keep_tokens
+        new_ids = [*self.prompt_ids[:-1], *reply_ids]
+        outcome = TurnOutcome(
+            reply,
+            len(self.prompt_ids),
+            len(result.token_ids),
+            kept + len(new_ids),
+            inputs,
+            self._cached_tokens,
+        )
         try:
-            total = await service.store.append_turn(
+            await service.store.append_turn(
                 self.session_id,
                 self._owner,
-                lock.token,
-                expected_tokens=lock.context_tokens,
+                lock,
                 new_ids=new_ids,
-                messages=[StoredMessage("user", self._content, self.created_at), reply],
+                messages=[*inputs, reply],
+                rewind=self._rewind,
+                title=title_of(self._inputs),
+                response=self._respond(outcome) if self._respond is not None else None,
             )
         except TurnConflict as exc:
-            if exc.deleted:
-                raise SessionNotFound(self.session_id) from exc
-            raise StoreUnavailable(str(exc), retry_after=service.settings.retry_after_seconds) from exc
+            raise _conflict_error(exc, self.session_id, service.settings.retry_after_seconds) from exc
         if result.state is not None:
-            service.state_cache.put(self._key, result.state, result.state_tokens)
-        return TurnOutcome(reply, len(self.prompt_ids), len(result.token_ids), total)
+            rewinds = lock.rewinds + (self._rewind is not None)
+            service.state_cache.put(self._key, result.state, result.state_tokens, rewinds)
+        await service.index.touched(self._owner, self.session_id)
+        return outcome

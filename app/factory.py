@@ -36,6 +36,8 @@ from app.routes.responses import ADMIN_ERRORS, CHAT_ERRORS, OPENAI_ERRORS, SESSI
 from app.security import install_cors, redact_secrets_in_server_logs
 from app.services import Services
 from app.store.embedded_redis import EmbeddedRedis
+from app.store.history import HistoryStore
+from app.store.index import SessionIndex
 from app.store.redis_client import RedisTarget, connect_redis
 from app.store.sessions import SessionStore
 from model import ChatTokenizer, ReformerLM, load_checkpoint
@@ -87,6 +89,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             retry_after=settings.retry_after_seconds,
             metrics=metrics,
         )
+        history = HistoryStore(client, store)
+        index = SessionIndex(client, store, history, settings.redis_key_prefix)
         # On app.state, not Services: the limiter is a router dependency, not a part routes call.
         app.state.rate_limiter = RateLimiter(
             client,
@@ -116,7 +120,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             store=store,
             engine=engine,
             state_cache=state_cache,
-            chat=ChatService(store, engine, state_cache, tokenizer, settings),
+            chat=ChatService(store, engine, state_cache, tokenizer, settings, history, index),
             api_keys=ApiKeyAuth(settings.api_keys),
             admin=AdminAuth(settings.admin_token.get_secret_value() if settings.admin_token else None),
             checkpoint=checkpoint,

@@ -99,7 +99,9 @@ class SessionCreated(BaseModel):
 
 
 class MessageOut(BaseModel):
-    role: Literal["user", "assistant"]
+    # The message's id, shared with the Conversations API (msg_...); absent on a reply not yet stored.
+    id: str | None = None
+    role: Literal["system", "user", "assistant"]
     content: str
     created_at: str
     finish_reason: Literal["stop", "length", "cancelled"] | None = None
@@ -121,3 +123,25 @@ class Usage(BaseModel):
 class ReplyOut(BaseModel):
     message: MessageOut
     usage: Usage
+
+
+class SessionSummary(BaseModel):
+    """One conversation in the caller's list."""
+
+    session_id: str
+    title: str  # the start of its first user message ("" until there is one)
+    created_at: str
+    updated_at: str
+    message_count: int
+    context_tokens: int
+
+
+class SessionList(BaseModel):
+    sessions: list[SessionSummary]  # newest (last updated) first
+    next_cursor: str | None  # pass as ?cursor= for the next page; null on the last page
+
+
+class MessagePage(BaseModel):
+    messages: list[MessageOut]  # oldest first
+    has_more: bool  # older messages exist: ask again with ?before=<messages[0].id>
+    context_tokens: int  # token ids the whole conversation holds

@@ -25,6 +25,9 @@ class CachedState:
     # synchronise with the GPU.
     tokens: int
     nbytes: int
+    # The conversation's rewind count (app/store/sessions.py) when the state was built: once history is cut
+    # back, a state built before the cut may have seen removed text, whatever its length.
+    rewinds: int = 0
 
 
 class StateCache:
@@ -58,12 +61,12 @@ class StateCache:
             self._metrics.state_cache_hits.inc()
         return entry
 
-    def put(self, key: CacheKey, state: DecodeState, tokens: int) -> None:
+    def put(self, key: CacheKey, state: DecodeState, tokens: int, rewinds: int = 0) -> None:
         """Insert as most recently used, evicting the least recently used until within budget.
 
         A state larger than the whole budget is not kept: it would evict everything and then itself.
         """
-        entry = CachedState(state, tokens, state.nbytes())
+        entry = CachedState(state, tokens, state.nbytes(), rewinds)
         with self._lock:
             self._pop(key)
             if entry.nbytes <= self.budget_bytes:
@@ -75,7 +78,7 @@ class StateCache:
             self._publish()
 
     def discard(self, key: CacheKey) -> None:
-        """Forget a session (deleted): its memory goes back to the others."""
+        """Forget a session (deleted, or its history cut back): its memory goes back to the others."""
         with self._lock:
             self._pop(key)
             self._publish()

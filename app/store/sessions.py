@@ -3,14 +3,23 @@
 One conversation is a few keys that share the hash tag `{<session id>}` (so they sit on one Redis Cluster
 slot and one Lua script may touch them all):
 
-    {prefix}chat:{<id>}:meta   hash: owner, created_at, updated_at
-    {prefix}chat:{<id>}:msgs   list: one JSON object per message, in order
+    {prefix}chat:{<id>}:meta   hash: owner, created_at, updated_at, seq (last message number), rewinds
+                               (how often history was cut back), title, metadata (JSON), kind
+    {prefix}chat:{<id>}:msgs   list: one JSON object per message, in order of its `seq`
     {prefix}chat:{<id>}:ids    string: the conversation's token ids, little-endian uint32, appended per turn
+    {prefix}chat:{<id>}:resp   hash: stored Responses API objects of this conversation, by response id
     {prefix}chat:{<id>}:lock   string: the per-session turn lock (random token, expires unless renewed)
 
 The token ids are what rebuilds a decode state, so a turn never re-tokenises history; a string lets a turn
 read just the tail it needs (GETRANGE) instead of the whole conversation. Every change is one Lua script,
-so no reader ever sees a half turn, and every access slides the TTL of all three data keys.
+so no reader ever sees a half turn, and every access slides the TTL of all the data keys.
+
+Each message is stored as `{"seq": n, "tokens": t, ...}`: `seq` numbers the conversation's messages (1, 2,
+... never reused, so it survives deletions and names the message in the OpenAI-style API) and `tokens` is
+the length of the message's own span of the ids, so cutting history back knows which ids go with it.
+Messages written before these fields existed have neither: their `seq` is their position + 1, and they
+cannot be cut out (app/store/history.py refuses). `rewinds` counts the times history was cut back; a cached
+decode state remembers the count it was built under, so no replica reuses a state that saw cut text.
 
 The same code runs on one Redis and on a Redis Cluster (app/store/redis_client.py): every script is handed
 all the keys it touches in KEYS, and they are always keys of one session, so one hash tag and one slot.
@@ -39,21 +48,22 @@ from app.store.redis_client import RedisClient
 
 logger = logging.getLogger(__name__)
 
-_ID_BYTES = 4  # one token id = one little-endian uint32 in the ids string
+ID_BYTES = 4  # one token id = one little-endian uint32 in the ids string
 _ID_DTYPE = "<u4"
 
-# KEYS: meta. ARGV: owner, created_at, ttl_ms. A script rather than MULTI: the metadata never exists
-# without its TTL, and no client needs cluster transactions.
+# KEYS: meta. ARGV: owner, created_at, ttl_ms, kind, metadata JSON. A script rather than MULTI: the
+# metadata never exists without its TTL, and no client needs cluster transactions.
 _CREATE = """
-redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'created_at', ARGV[2], 'updated_at', ARGV[2])
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'created_at', ARGV[2], 'updated_at', ARGV[2], 'seq', 0,
+  'kind', ARGV[4], 'metadata', ARGV[5])
 return redis.call('PEXPIRE', KEYS[1], ARGV[3])
 """
 
-# KEYS: meta, msgs, ids. ARGV: owner, ttl_ms, with_messages ("1"/"0").
+# KEYS: meta, msgs, ids, resp. ARGV: owner, ttl_ms, with_messages ("1"/"0").
 # -> false when missing or owned by another key, else {created_at, ids_bytes, messages...}.
 _READ = """
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return false end
-for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ARGV[2]) end
+for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], ARGV[2]) end
 local out = {redis.call('HGET', KEYS[1], 'created_at'), redis.call('STRLEN', KEYS[3])}
 if ARGV[3] == '1' then
   for _, m in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do table.insert(out, m) end
@@ -61,21 +71,24 @@ end
 return out
 """
 
-# KEYS: meta, msgs, ids. ARGV: owner. -> 1 deleted, 0 missing or another key's.
+# KEYS: meta, msgs, ids, resp. ARGV: owner. -> 1 deleted, 0 missing or another key's.
 _DELETE = """
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
 return 1
 """
 
-# KEYS: meta, ids, lock. ARGV: owner, token, lock_ms, ttl_ms.
-# -> -1 missing or another key's, -2 locked by someone else, else the ids length in bytes.
+# KEYS: meta, msgs, ids, resp, lock. ARGV: owner, token, lock_ms, ttl_ms.
+# -> {-1} missing or another key's, {-2} locked by someone else, else {ids_bytes, seq, rewinds, messages}.
+# `seq` of a conversation written before messages were numbered is its message count (see above).
 _LOCK = """
-if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return -1 end
-if not redis.call('SET', KEYS[3], ARGV[2], 'NX', 'PX', ARGV[3]) then return -2 end
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
-return redis.call('STRLEN', KEYS[2])
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return {-1} end
+if not redis.call('SET', KEYS[5], ARGV[2], 'NX', 'PX', ARGV[3]) then return {-2} end
+for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], ARGV[4]) end
+local n = redis.call('LLEN', KEYS[2])
+local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or n)
+local rewinds = tonumber(redis.call('HGET', KEYS[1], 'rewinds') or 0)
+return {redis.call('STRLEN', KEYS[3]), seq, rewinds, n}
 """
 
 # KEYS: lock. ARGV: token [, lock_ms]. Only the holder may release or extend its lock.
@@ -88,16 +101,37 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[
 return 0
 """
 
-# KEYS: meta, msgs, ids, lock. ARGV: owner, token, ttl_ms, expected_ids_bytes, new_ids, updated_at, msg...
-# -> -1 session gone, -2 lock lost, -3 ids changed under us, else the new ids length in bytes.
+# KEYS: meta, msgs, ids, resp, lock. ARGV: owner, token, ttl_ms, expected_ids_bytes, expected_seq,
+# keep_messages, keep_ids_bytes, new_ids, updated_at, title, response_id, response_json, retitle, msg...
+# -> -1 session gone, -2 lock lost, -3 ids or messages changed under us, else the new ids length in bytes.
+# keep_messages >= 0 first cuts history back to its first keep_messages messages and keep_ids_bytes of ids
+# (a regenerate or an edit), in the same script as the append, so no reader sees the cut without the new
+# turn. Each message gets the next seq, written first in its JSON; a title is set once, by the first turn,
+# and again when a cut removed the message it came from (retitle "1").
 _APPEND_TURN = """
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return -1 end
-if redis.call('GET', KEYS[4]) ~= ARGV[2] then return -2 end
-if redis.call('STRLEN', KEYS[3]) ~= tonumber(ARGV[4]) then return -3 end
-redis.call('APPEND', KEYS[3], ARGV[5])
-for i = 7, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
-redis.call('HSET', KEYS[1], 'updated_at', ARGV[6])
-for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
+if redis.call('GET', KEYS[5]) ~= ARGV[2] then return -2 end
+local n = redis.call('LLEN', KEYS[2])
+local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or n)
+if redis.call('STRLEN', KEYS[3]) ~= tonumber(ARGV[4]) or seq ~= tonumber(ARGV[5]) then return -3 end
+local keep = tonumber(ARGV[6])
+if keep >= 0 then
+  if keep == 0 then redis.call('DEL', KEYS[2]) else redis.call('LTRIM', KEYS[2], 0, keep - 1) end
+  local kept = tonumber(ARGV[7])
+  local ids = kept > 0 and redis.call('GETRANGE', KEYS[3], 0, kept - 1) or ''
+  redis.call('SET', KEYS[3], ids)
+  redis.call('HINCRBY', KEYS[1], 'rewinds', 1)
+  if ARGV[13] == '1' then redis.call('HDEL', KEYS[1], 'title') end
+end
+redis.call('APPEND', KEYS[3], ARGV[8])
+for i = 14, #ARGV do
+  seq = seq + 1
+  redis.call('RPUSH', KEYS[2], '{"seq":' .. seq .. ',' .. string.sub(ARGV[i], 2))
+end
+redis.call('HSET', KEYS[1], 'updated_at', ARGV[9], 'seq', seq)
+if ARGV[10] ~= '' then redis.call('HSETNX', KEYS[1], 'title', ARGV[10]) end
+if ARGV[11] ~= '' then redis.call('HSET', KEYS[4], ARGV[11], ARGV[12]) end
+for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
 return redis.call('STRLEN', KEYS[3])
 """
 
@@ -112,23 +146,40 @@ def new_session_id() -> str:
     return secrets.token_urlsafe(24)
 
 
+Role = Literal["system", "user", "assistant"]
+
+
 @dataclass(frozen=True)
 class StoredMessage:
-    role: Literal["user", "assistant"]
+    role: Role
     content: str
     created_at: str
     finish_reason: Literal["stop", "length", "cancelled"] | None = None
+    tokens: int | None = None  # length of this message's span of the token ids; None: written before
+    seq: int = 0  # the message's number in its conversation, set by the store (0: not stored yet)
 
     def to_json(self) -> str:
-        data = {"role": self.role, "content": self.content, "created_at": self.created_at}
+        """The stored JSON without `seq` (the append script writes it in front, see the module doc)."""
+        data: dict[str, object] = {}
+        if self.tokens is not None:
+            data["tokens"] = self.tokens
+        data.update(role=self.role, content=self.content, created_at=self.created_at)
         if self.finish_reason is not None:
             data["finish_reason"] = self.finish_reason
-        return json.dumps(data, ensure_ascii=False)
+        return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
 
     @classmethod
-    def from_json(cls, raw: bytes | str) -> StoredMessage:
+    def from_json(cls, raw: bytes | str, position: int) -> StoredMessage:
+        """A stored message; `position` (0-based) numbers a message stored before `seq` existed."""
         data = json.loads(raw)
-        return cls(data["role"], data["content"], data["created_at"], data.get("finish_reason"))
+        return cls(
+            data["role"],
+            data["content"],
+            data["created_at"],
+            data.get("finish_reason"),
+            data.get("tokens"),
+            data.get("seq", position + 1),
+        )
 
 
 @dataclass(frozen=True)
@@ -141,10 +192,30 @@ class SessionRecord:
 
 @dataclass(frozen=True)
 class TurnLock:
-    """Proof of holding a session's turn lock: the random token, and the token count read with it."""
+    """Proof of holding a session's turn lock, and the conversation's shape read with it."""
 
     token: str
     context_tokens: int
+    seq: int = 0  # the last message's number
+    rewinds: int = 0  # how often history was cut back: a cached state built under another count is stale
+    messages: int = 0
+
+
+@dataclass(frozen=True)
+class Rewind:
+    """Cut history back to its first `keep_messages` messages and `keep_tokens` token ids."""
+
+    keep_messages: int
+    keep_tokens: int
+    retitle: bool = False  # the cut removes the first user message, which the title came from
+
+
+@dataclass(frozen=True)
+class StoredResponse:
+    """A Responses API object to store with its turn, under its id."""
+
+    response_id: str
+    body: str  # JSON
 
 
 class TurnConflict(RuntimeError):
@@ -186,10 +257,14 @@ class SessionStore:
         return f"{self._prefix}chat:{{{session_id}}}:{part}"
 
     def _data_keys(self, session_id: str) -> list[str]:
-        return [self.key(session_id, "meta"), self.key(session_id, "msgs"), self.key(session_id, "ids")]
+        return [self.key(session_id, part) for part in ("meta", "msgs", "ids", "resp")]
+
+    @property
+    def ttl_ms(self) -> int:
+        return self._ttl_ms
 
     @asynccontextmanager
-    async def _op(self, name: str) -> AsyncIterator[None]:
+    async def op(self, name: str) -> AsyncIterator[None]:
         """Time one Redis operation and turn "Redis is not answering" into a 503 the client can retry."""
         start = time.perf_counter()
         try:
@@ -209,18 +284,25 @@ class SessionStore:
             self._metrics.redis_latency.labels(name).observe(time.perf_counter() - start)
 
     async def ping(self) -> None:
-        async with self._op("ping"):
+        async with self.op("ping"):
             await self._redis.ping()
 
-    async def create(self, owner: str) -> SessionRecord:
+    async def create(
+        self, owner: str, *, kind: str = "chat", metadata: dict[str, str] | None = None
+    ) -> SessionRecord:
+        """A new empty conversation. `kind` "chat" is a conversation its owner sees in their list;
+        "responses" holds a chain of Responses API calls made without a conversation (not listed)."""
         session_id, created_at = new_session_id(), utc_now()
-        async with self._op("create"):
-            await self._create(keys=[self.key(session_id, "meta")], args=[owner, created_at, self._ttl_ms])
+        async with self.op("create"):
+            await self._create(
+                keys=[self.key(session_id, "meta")],
+                args=[owner, created_at, self._ttl_ms, kind, json.dumps(metadata or {}, ensure_ascii=False)],
+            )
         return SessionRecord(session_id, created_at, 0)
 
     async def get(self, session_id: str, owner: str, *, with_messages: bool = True) -> SessionRecord:
         """The session (sliding its TTL); SessionNotFound when missing or another key's."""
-        async with self._op("get"):
+        async with self.op("get"):
             raw = await self._read(
                 keys=self._data_keys(session_id), args=[owner, self._ttl_ms, "1" if with_messages else "0"]
             )
@@ -230,12 +312,12 @@ class SessionStore:
         return SessionRecord(
             session_id,
             created_at.decode(),
-            int(ids_bytes) // _ID_BYTES,
-            tuple(StoredMessage.from_json(m) for m in messages),
+            int(ids_bytes) // ID_BYTES,
+            tuple(StoredMessage.from_json(m, i) for i, m in enumerate(messages)),
         )
 
     async def delete(self, session_id: str, owner: str) -> None:
-        async with self._op("delete"):
+        async with self.op("delete"):
             deleted = await self._delete(keys=self._data_keys(session_id), args=[owner])
         if not deleted:
             raise SessionNotFound(session_id)
@@ -244,67 +326,78 @@ class SessionStore:
         """Token ids [start, stop) of the conversation: only the tail a turn has not fed yet."""
         if stop <= start:
             return []
-        async with self._op("read_ids"):
+        async with self.op("read_ids"):
             data = await self._redis.getrange(
-                self.key(session_id, "ids"), start * _ID_BYTES, stop * _ID_BYTES - 1
+                self.key(session_id, "ids"), start * ID_BYTES, stop * ID_BYTES - 1
             )
-        if len(data) != (stop - start) * _ID_BYTES:
+        if len(data) != (stop - start) * ID_BYTES:
             raise TurnConflict(session_id, f"its token ids are shorter than the {stop} its lock reported")
         return np.frombuffer(cast(bytes, data), dtype=_ID_DTYPE).tolist()  # a bytes client
 
-    async def try_lock(self, session_id: str, owner: str, token: str) -> int | None:
-        """Take the session's turn lock. Returns the stored token count, or None when another turn holds
-        the lock (here or on another replica); SessionNotFound when missing or another key's."""
-        async with self._op("lock"):
-            result = int(
-                await self._lock(
-                    keys=[
-                        self.key(session_id, "meta"),
-                        self.key(session_id, "ids"),
-                        self.key(session_id, "lock"),
-                    ],
+    async def try_lock(self, session_id: str, owner: str, token: str) -> TurnLock | None:
+        """Take the session's turn lock. Returns what it read (token count, last seq, rewinds), or None
+        when another turn holds the lock (here or on another replica); SessionNotFound when missing or
+        another key's."""
+        async with self.op("lock"):
+            result = [
+                int(x)
+                for x in await self._lock(
+                    keys=[*self._data_keys(session_id), self.key(session_id, "lock")],
                     args=[owner, token, self.lock_ms, self._ttl_ms],
                 )
-            )
-        if result == -1:
+            ]
+        if result[0] == -1:
             raise SessionNotFound(session_id)
-        return None if result == -2 else result // _ID_BYTES
+        if result[0] == -2:
+            return None
+        ids_bytes, seq, rewinds, messages = result
+        return TurnLock(token, ids_bytes // ID_BYTES, seq, rewinds, messages)
 
     async def renew_lock(self, session_id: str, token: str) -> bool:
-        async with self._op("renew_lock"):
+        async with self.op("renew_lock"):
             return bool(await self._renew(keys=[self.key(session_id, "lock")], args=[token, self.lock_ms]))
 
     async def unlock(self, session_id: str, token: str) -> None:
-        async with self._op("unlock"):
+        async with self.op("unlock"):
             await self._unlock(keys=[self.key(session_id, "lock")], args=[token])
 
     async def append_turn(
         self,
         session_id: str,
         owner: str,
-        token: str,
+        lock: TurnLock,
         *,
-        expected_tokens: int,
         new_ids: Sequence[int],
         messages: Sequence[StoredMessage],
+        rewind: Rewind | None = None,
+        title: str = "",
+        response: StoredResponse | None = None,
     ) -> int:
         """Append one turn (its messages and token ids) atomically; returns the new token count.
 
-        Only the lock holder may write, and only onto the token count it read when it took the lock, so
-        two replicas can never interleave turns even if a lock expired. TurnConflict otherwise.
+        Only the lock holder may write, and only onto the token count and message number it read when it
+        took the lock, so two replicas can never interleave turns even if a lock expired. TurnConflict
+        otherwise. `rewind` first cuts history back in the same script; `response` is stored with it.
         """
         ids_blob = np.asarray(new_ids, dtype=_ID_DTYPE).tobytes()
-        async with self._op("append_turn"):
+        async with self.op("append_turn"):
             result = int(
                 await self._append_turn(
                     keys=[*self._data_keys(session_id), self.key(session_id, "lock")],
                     args=[
                         owner,
-                        token,
+                        lock.token,
                         self._ttl_ms,
-                        expected_tokens * _ID_BYTES,
+                        lock.context_tokens * ID_BYTES,
+                        lock.seq,
+                        -1 if rewind is None else rewind.keep_messages,
+                        0 if rewind is None else rewind.keep_tokens * ID_BYTES,
                         ids_blob,
                         utc_now(),
+                        title,
+                        "" if response is None else response.response_id,
+                        "" if response is None else response.body,
+                        "1" if rewind is not None and rewind.retitle else "0",
                         *(m.to_json() for m in messages),
                     ],
                 )
@@ -312,7 +405,7 @@ class SessionStore:
         reasons = {-1: "the session was deleted", -2: "its turn lock was lost", -3: "its token ids changed"}
         if result in reasons:
             raise TurnConflict(session_id, reasons[result], deleted=result == -1)
-        return result // _ID_BYTES
+        return result // ID_BYTES
 
     @asynccontextmanager
     async def turn_lock(self, session_id: str, owner: str) -> AsyncIterator[TurnLock]:
@@ -323,12 +416,12 @@ class SessionStore:
         keeps it, and a crashed holder's lock simply expires.
         """
         token = secrets.token_hex(16)
-        context_tokens = await self.try_lock(session_id, owner, token)
-        if context_tokens is None:
+        lock = await self.try_lock(session_id, owner, token)
+        if lock is None:
             raise SessionBusy(session_id)
         renewer = asyncio.create_task(self._keep_renewed(session_id, token))
         try:
-            yield TurnLock(token, context_tokens)
+            yield lock
         finally:
             renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -97,9 +97,7 @@ def test_conversations_spread_over_the_masters(redis_cluster: ClusterInfo) -> No
             for _ in range(12):
                 sid = (await store.create("alice")).session_id
                 async with store.turn_lock(sid, "alice") as lock:
-                    await store.append_turn(
-                        sid, "alice", lock.token, expected_tokens=0, new_ids=[1, 2], messages=[]
-                    )
+                    await store.append_turn(sid, "alice", lock, new_ids=[1, 2], messages=[])
                 node = client.get_node_from_key(store.key(sid, "meta"))
                 for part in ("meta", "ids"):
                     # Asked directly (no redirects): the node that owns the tag holds the key itself.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
@@ -16,7 +16,7 @@ import pytest
 from app.errors import SessionBusy, SessionNotFound, StoreUnavailable
 from app.metrics import Metrics
 from app.store.redis_client import RedisClient, connect_redis, resolve_redis_target
-from app.store.sessions import SessionStore, StoredMessage, TurnConflict
+from app.store.sessions import SessionStore, StoredMessage, TurnConflict, TurnLock
 from tests.deploy.redis_cluster import ClusterInfo, redis_cluster  # noqa: F401 (a session fixture)
 from tests.support import TEST_REDIS_URL, free_port, new_prefix
 
@@ -84,19 +84,12 @@ def test_turns_append_messages_and_token_ids_together(target: Target) -> None:
         async with store.turn_lock(sid, "alice") as lock:
             assert lock.context_tokens == 0
             total = await store.append_turn(
-                sid,
-                "alice",
-                lock.token,
-                expected_tokens=0,
-                new_ids=[7, 8, 9, 70000],
-                messages=turn("hi", "yo"),
+                sid, "alice", lock, new_ids=[7, 8, 9, 70000], messages=turn("hi", "yo")
             )
         assert total == 4
         async with store.turn_lock(sid, "alice") as lock:
             assert lock.context_tokens == 4
-            await store.append_turn(
-                sid, "alice", lock.token, expected_tokens=4, new_ids=[1, 2], messages=turn("and?", "so")
-            )
+            await store.append_turn(sid, "alice", lock, new_ids=[1, 2], messages=turn("and?", "so"))
         record = await store.get(sid, "alice")
         assert record.context_tokens == 6
         assert [(m.role, m.content, m.finish_reason) for m in record.messages] == [
@@ -117,15 +110,15 @@ def test_a_turn_is_refused_when_the_lock_is_not_held_or_the_ids_moved(target: Ta
     async def body(store: SessionStore, client: RedisClient) -> None:
         sid = (await store.create("alice")).session_id
         with pytest.raises(TurnConflict, match="lock"):
-            await store.append_turn(
-                sid, "alice", "not-the-token", expected_tokens=0, new_ids=[1], messages=[]
-            )
+            await store.append_turn(sid, "alice", TurnLock("not-the-token", 0), new_ids=[1], messages=[])
         async with store.turn_lock(sid, "alice") as lock:
             with pytest.raises(TurnConflict, match="token ids changed"):
-                await store.append_turn(sid, "alice", lock.token, expected_tokens=5, new_ids=[1], messages=[])
+                await store.append_turn(
+                    sid, "alice", replace(lock, context_tokens=5), new_ids=[1], messages=[]
+                )
             await store.delete(sid, "alice")
             with pytest.raises(TurnConflict) as deleted:
-                await store.append_turn(sid, "alice", lock.token, expected_tokens=0, new_ids=[1], messages=[])
+                await store.append_turn(sid, "alice", lock, new_ids=[1], messages=[])
             assert deleted.value.deleted
         # Nothing was written by any refused turn: the deleted session left no keys behind.
         assert await client.exists(*store._data_keys(sid)) == 0
@@ -158,7 +151,8 @@ def test_only_the_holder_can_renew_or_release_the_lock(target: Target) -> None:
     async def body(store: SessionStore, client: RedisClient) -> None:
         sid = (await store.create("alice")).session_id
         lock_key = store.key(sid, "lock")
-        assert await store.try_lock(sid, "alice", "mine") == 0
+        taken = await store.try_lock(sid, "alice", "mine")
+        assert taken is not None and taken.context_tokens == 0
         await client.pexpire(lock_key, 500)
         assert not await store.renew_lock(sid, "theirs")
         assert await client.pttl(lock_key) <= 500
@@ -176,10 +170,8 @@ def test_every_access_slides_the_ttl_of_all_keys(target: Target) -> None:
     async def body(store: SessionStore, client: RedisClient) -> None:
         sid = (await store.create("alice")).session_id
         async with store.turn_lock(sid, "alice") as lock:
-            await store.append_turn(
-                sid, "alice", lock.token, expected_tokens=0, new_ids=[1], messages=turn("a", "b")
-            )
-        keys = store._data_keys(sid)
+            await store.append_turn(sid, "alice", lock, new_ids=[1], messages=turn("a", "b"))
+        keys = store._data_keys(sid)[:3]  # the fourth, stored Responses API objects, exists once one is
         for key in keys:
             assert 0 < await client.pttl(key) <= TTL * 1000
             await client.pexpire(key, 5000)
