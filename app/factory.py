@@ -29,6 +29,8 @@ from app.config import Settings
 from app.engine import ChatEngine, StateCache
 from app.errors import StoreUnavailable, install_error_handlers
 from app.metrics import Metrics
+from app.openai.conversations.router import router as conversations_router
+from app.openai.responses.router import router as responses_router
 from app.openai.router import router as openai_router
 from app.ratelimit import RateLimitDep, RateLimiter
 from app.routes import admin, chat, sessions, stream
@@ -165,6 +167,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(chat.router, dependencies=[RateLimitDep], responses=CHAT_ERRORS)
     app.include_router(stream.router)
     app.include_router(openai_router, dependencies=[RateLimitDep], responses=OPENAI_ERRORS)
+    app.include_router(conversations_router, dependencies=[RateLimitDep], responses=OPENAI_ERRORS)
+    app.include_router(responses_router, dependencies=[RateLimitDep], responses=OPENAI_ERRORS)
     app.include_router(admin.router, responses=ADMIN_ERRORS)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_api_route("/", _chat_page, include_in_schema=False)

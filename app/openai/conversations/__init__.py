@@ -1,0 +1,1 @@
+"""OpenAI's Conversations API on this server's sessions: see router.py."""

@@ -1,0 +1,1 @@
+"""OpenAI's Responses API on this server's sessions: see router.py."""
