@@ -1,7 +1,9 @@
 """`python -m app.client` (or `reformer-chat chat`): chat with a running server from a terminal.
 
 It creates a session (or resumes one with --session), streams each reply over the websocket as it is
-generated, and understands /new, /history, /help and /quit. Ctrl-C while a reply streams stops that reply
+generated, and understands /new, /sessions (list yours; /sessions N switches to the Nth), /history,
+/regenerate (a new last reply), /edit TEXT (replace your last message and answer it), /export FILE
+(Markdown for .md, else JSON), /help and /quit. Ctrl-C while a reply streams stops that reply
 (the server stores what was generated, as "cancelled") and returns to the prompt; Ctrl-C at the prompt
 clears the line, and /quit or Ctrl-D leaves.
 
@@ -34,11 +36,16 @@ _POLL_SECONDS = 0.2
 # C0 and C1 control characters except tab and newline: shown, never obeyed by the terminal.
 _CONTROLS = {c: "\ufffd" for c in [*range(0x00, 0x09), *range(0x0B, 0x20), *range(0x7F, 0xA0)]}
 HELP = """commands:
-  /new      start a new conversation
-  /history  show this conversation so far
-  /help     this list
-  /quit     leave (Ctrl-D too)
+  /new          start a new conversation
+  /sessions     list your conversations, newest first; /sessions N switches to the Nth
+  /history      show this conversation so far
+  /regenerate   replace the last reply with a new one
+  /edit TEXT    replace your last message with TEXT, and answer it again
+  /export FILE  save this conversation (Markdown if FILE ends in .md, else JSON)
+  /help         this list
+  /quit         leave (Ctrl-D too)
 Ctrl-C stops a reply that is streaming."""
+SESSIONS_SHOWN = 20
 
 
 class ClientError(Exception):
@@ -74,9 +81,12 @@ class ChatClient:
         self.session_id: str | None = None
 
     # --- REST ---------------------------------------------------------------------------------------
-    def _request(self, method: str, path: str) -> dict[str, Any]:
+    def _request(
+        self, method: str, path: str, body: dict[str, Any] | None = None, *, raw: bool = False
+    ) -> Any:
+        """The JSON answer (the body as text when `raw`); a ClientError that says what went wrong."""
         try:
-            response = self._http.request(method, path)
+            response = self._http.request(method, path, json=body, timeout=None if body is not None else 30.0)
         except httpx.HTTPError as exc:
             raise ClientError(f"cannot reach the server at {self.base_url} ({exc}): is it running?") from exc
         if response.status_code == 401:
@@ -87,7 +97,7 @@ class ChatClient:
             except (ValueError, KeyError, TypeError):
                 message = response.text
             raise ClientError(f"the server answered {response.status_code}: {message}")
-        return response.json()
+        return response.text if raw else response.json()
 
     def new_session(self) -> str:
         self.close_socket()
@@ -104,6 +114,23 @@ class ChatClient:
     def history(self) -> tuple[list[dict[str, Any]], int]:
         record = self._request("GET", f"/v1/sessions/{self.session_id}")
         return record["messages"], record["context_tokens"]
+
+    def sessions(self) -> list[dict[str, Any]]:
+        """This key's conversations, newest first (the first page)."""
+        return self._request("GET", f"/v1/sessions?limit={SESSIONS_SHOWN}")["sessions"]
+
+    def regenerate(self) -> dict[str, Any]:
+        """A new last reply (the server cuts the old one and answers again); the reply body."""
+        return self._request("POST", f"/v1/sessions/{self.session_id}/regenerate", dict(self._sampling))
+
+    def edit(self, content: str) -> dict[str, Any]:
+        """Replace the last user message (and its reply) with `content`, answered; the reply body."""
+        body = {"content": content, **self._sampling}
+        return self._request("POST", f"/v1/sessions/{self.session_id}/edit", body)
+
+    def export(self, markdown: bool) -> str:
+        fmt = "markdown" if markdown else "json"
+        return self._request("GET", f"/v1/sessions/{self.session_id}/export?format={fmt}", raw=True)
 
     # --- websocket ----------------------------------------------------------------------------------
     def _socket(self) -> ClientConnection:
@@ -197,16 +224,65 @@ class _Terminal:
                 print(f"error: {exc}", file=sys.stderr, flush=True)
 
     def _handle(self, command: str) -> None:
+        name, _, argument = command.partition(" ")
+        argument = argument.strip()
         if command == "/new":
             self.say(f"new session {self.client.new_session()}")
+        elif name == "/sessions":
+            self.sessions(argument)
         elif command == "/history":
             self.show_history()
+        elif command == "/regenerate":
+            self._finished(self.client.regenerate())
+        elif name == "/edit":
+            if not argument:
+                raise ClientError("/edit takes the new text of your last message: /edit TEXT")
+            self._finished(self.client.edit(argument))
+        elif name == "/export":
+            self.export(argument)
         elif command == "/help":
             self.say(HELP)
         elif command.startswith("/") and " " not in command:
             self.say(f"unknown command {command}; /help lists them")
         else:
             self._reply(command)
+
+    def sessions(self, argument: str) -> None:
+        listed = self.client.sessions()
+        if argument:
+            if not argument.isdigit() or not 1 <= int(argument) <= len(listed):
+                raise ClientError(f"/sessions N takes a number from the list (1..{len(listed)})")
+            chosen = listed[int(argument) - 1]["session_id"]
+            messages = self.client.resume(chosen)
+            self.say(f"switched to session {chosen} ({len(messages)} messages; /history shows them)")
+            return
+        if not listed:
+            self.say("(no conversations yet)")
+        for number, item in enumerate(listed, 1):
+            mark = "*" if item["session_id"] == self.client.session_id else " "
+            title = printable(item["title"]) or "(untitled)"
+            print(
+                f"{mark}{number:>3}. {title}  "
+                + self._dim(f"[{item['message_count']} messages · updated {item['updated_at']}]"),
+                flush=True,
+            )
+
+    def export(self, path: str) -> None:
+        if not path:
+            raise ClientError("/export takes a file name: /export chat.md (Markdown) or chat.json")
+        text = self.client.export(markdown=path.endswith(".md"))
+        try:
+            with open(path, "w", encoding="utf-8") as out:
+                out.write(text)
+        except OSError as exc:
+            raise ClientError(f"cannot write {path}: {exc.strerror}") from exc
+        self.say(f"saved this conversation to {path}")
+
+    def _finished(self, reply: dict[str, Any]) -> None:
+        """A reply answered over REST (regenerate, edit): printed whole."""
+        print(f"bot> {printable(reply['message']['content'])}", flush=True)
+        reason = reply["message"].get("finish_reason")
+        self.say(f"[{reason} · {reply['usage']['context_tokens']} tokens in context]")
 
     def show_history(self) -> None:
         messages, context = self.client.history()

@@ -1,14 +1,17 @@
 "use strict";
-// The reformer-chat page: REST for sessions and history, the websocket for streamed replies.
-// Model text only ever goes into the page as text (textContent / Text nodes), never parsed as HTML.
+// The reformer-chat page: REST for the conversation list, history pages, regenerate, edit and export;
+// the websocket for streamed replies. The list comes from the server (GET /v1/sessions), so the same key
+// sees the same conversations in any browser; only the key and the open conversation stay in this one.
+// Model text only ever goes into the page as text (Text nodes, or markdown.js's DOM), never parsed as HTML.
 (() => {
   const STORE = {
     apiKey: "reformer-chat.apiKey",
-    conversations: "reformer-chat.conversations", // [{id, title}], newest first
     current: "reformer-chat.current",
   };
   const TITLE_CHARS = 40;
   const MAX_RECONNECT_MS = 10000;
+  const PAGE_MESSAGES = 30; // history loads by this many messages, older ones as you scroll up
+  const LIST_PAGES = 5; // the sidebar shows up to this many pages of 50 conversations
 
   const $ = (id) => document.getElementById(id);
   const el = {
@@ -16,7 +19,8 @@
     keyForm: $("key-form"), apiKey: $("api-key"), showKey: $("show-key"), modelName: $("model-name"),
     title: $("chat-title"), connection: $("connection"), context: $("context-size"), banner: $("banner"),
     messages: $("messages"), empty: $("empty"), composer: $("composer"), input: $("input"),
-    send: $("send"), stop: $("stop"),
+    send: $("send"), stop: $("stop"), exportMd: $("export-md"), exportJson: $("export-json"),
+    editing: $("editing"), cancelEdit: $("cancel-edit"),
   };
 
   const load = (name, fallback) => {
@@ -30,8 +34,11 @@
   const save = (name, value) => localStorage.setItem(name, JSON.stringify(value));
 
   let apiKey = load(STORE.apiKey, "");
-  let conversations = load(STORE.conversations, []);
+  let conversations = []; // [{id, title}], last updated first, from the server
   let currentId = load(STORE.current, null);
+  let olderBefore = null; // the oldest shown message's id while older ones exist on the server
+  let loadingOlder = false;
+  let editing = false; // the composer holds a new text for the last user message
   let socket = null; // the websocket of the current conversation
   let socketReady = null; // resolves when `socket` opens, rejects if it closes first
   let reconnectTimer = null;
@@ -118,6 +125,7 @@
     busy = value;
     el.send.hidden = value;
     el.stop.hidden = !value;
+    updateActions();
   }
 
   function scrollDown() {
@@ -128,6 +136,8 @@
     el.messages.replaceChildren(el.empty);
     el.empty.hidden = false;
     pending = streaming = null;
+    olderBefore = null;
+    stopEditing();
   }
 
   function setReason(node, reason) {
@@ -139,23 +149,76 @@
     meta.replaceChildren("finish: ", badge);
   }
 
-  function addMessage(role, text, finishReason) {
-    el.empty.hidden = true;
+  // A message node: its raw text in data-text (what Copy copies); a reply's bubble shows it as Markdown.
+  function messageNode(role, text, finishReason, id) {
     const node = document.createElement("div");
     node.className = `message ${role}`;
+    if (id) node.dataset.id = id;
     const bubble = document.createElement("div");
     bubble.className = "bubble";
-    bubble.textContent = text;
     node.append(bubble);
+    setText(node, text);
     if (role === "assistant") {
       const meta = document.createElement("div");
       meta.className = "meta";
-      node.append(meta);
+      const copy = document.createElement("button");
+      copy.type = "button";
+      copy.className = "copy link small";
+      copy.textContent = "Copy";
+      copy.addEventListener("click", () => copyText(node, copy));
+      node.append(meta, copy);
       if (finishReason) setReason(node, finishReason);
     }
+    return node;
+  }
+
+  function setText(node, text) {
+    node.dataset.text = text;
+    const bubble = node.querySelector(".bubble");
+    if (node.classList.contains("assistant")) bubble.replaceChildren(window.renderMarkdown(text));
+    else bubble.textContent = text;
+  }
+
+  function addMessage(role, text, finishReason, id) {
+    el.empty.hidden = true;
+    const node = messageNode(role, text, finishReason, id);
     el.messages.append(node);
+    updateActions();
     scrollDown();
     return node;
+  }
+
+  async function copyText(node, button) {
+    try {
+      await navigator.clipboard.writeText(node.dataset.text);
+      button.textContent = "Copied";
+      setTimeout(() => { button.textContent = "Copy"; }, 1500);
+    } catch {
+      showError("The browser did not allow copying to the clipboard.");
+    }
+  }
+
+  // Regenerate sits on the last reply, Edit on the last user message; only when nothing is running.
+  function updateActions() {
+    for (const old of el.messages.querySelectorAll(".action")) old.remove();
+    if (busy) return;
+    const nodes = el.messages.querySelectorAll(".message");
+    const last = nodes[nodes.length - 1];
+    const users = el.messages.querySelectorAll(".message.user");
+    const lastUser = users[users.length - 1];
+    if (last && last.classList.contains("assistant")) {
+      last.append(actionButton("regenerate", "Regenerate", regenerate));
+    }
+    if (lastUser) lastUser.append(actionButton("edit", "Edit", startEdit));
+  }
+
+  function actionButton(name, label, handler) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = `action ${name} link small`;
+    button.textContent = label;
+    button.addEventListener("click", handler);
+    return button;
   }
 
   function finishStreaming(reason) {
@@ -163,6 +226,7 @@
     streaming.classList.remove("streaming");
     if (reason) setReason(streaming, reason);
     streaming = null;
+    updateActions();
   }
 
   // --- conversations ------------------------------------------------------------------------------
@@ -172,7 +236,28 @@
   }
 
   function saveConversations() {
-    save(STORE.conversations, conversations);
+    renderConversations();
+  }
+
+  // The list as the server has it (newest first); a conversation being created or answered keeps its
+  // local title until the server's arrives.
+  async function refreshConversations() {
+    const fetched = [];
+    let cursor = null;
+    for (let page = 0; page < LIST_PAGES; page += 1) {
+      const query = cursor ? `?limit=50&cursor=${encodeURIComponent(cursor)}` : "?limit=50";
+      const list = await api("GET", `/v1/sessions${query}`);
+      for (const s of list.sessions) fetched.push({ id: s.session_id, title: titleFrom(s.title) });
+      cursor = list.next_cursor;
+      if (!cursor) break;
+    }
+    conversations = fetched;
+    renderConversations();
+  }
+
+  function moveToTop(id) {
+    const index = conversations.findIndex((c) => c.id === id);
+    if (index > 0) conversations.unshift(...conversations.splice(index, 1));
     renderConversations();
   }
 
@@ -227,16 +312,12 @@
     const conversation = conversations.find((c) => c.id === id);
     el.title.textContent = (conversation && conversation.title) || "New chat";
     try {
-      const session = await api("GET", `/v1/sessions/${encodeURIComponent(id)}`);
+      const page = await api("GET", `/v1/sessions/${encodeURIComponent(id)}/messages?limit=${PAGE_MESSAGES}`);
       if (currentId !== id) return;
-      for (const message of session.messages) addMessage(message.role, message.content, message.finish_reason);
-      setContext(session.context_tokens);
-      const first = session.messages.find((m) => m.role === "user");
-      if (conversation && !conversation.title && first) {
-        conversation.title = titleFrom(first.content);
-        el.title.textContent = conversation.title;
-        saveConversations();
-      }
+      for (const m of page.messages) addMessage(m.role, m.content, m.finish_reason, m.id);
+      olderBefore = page.has_more && page.messages.length ? page.messages[0].id : null;
+      setContext(page.context_tokens);
+      scrollDown();
     } catch (err) {
       if (err.status === 404) {
         forget(id);
@@ -251,6 +332,28 @@
 
   function newChat() {
     return queueSwitch(createChat);
+  }
+
+  // Older messages, when the view is scrolled to the top: prepended without moving what is on screen.
+  async function loadOlder() {
+    if (!olderBefore || loadingOlder || el.messages.scrollTop > 40) return;
+    loadingOlder = true;
+    const id = currentId;
+    try {
+      const path = `/v1/sessions/${encodeURIComponent(id)}/messages?limit=${PAGE_MESSAGES}`
+        + `&before=${encodeURIComponent(olderBefore)}`;
+      const page = await api("GET", path);
+      if (currentId !== id) return;
+      const height = el.messages.scrollHeight;
+      const nodes = page.messages.map((m) => messageNode(m.role, m.content, m.finish_reason, m.id));
+      el.empty.after(...nodes);
+      el.messages.scrollTop += el.messages.scrollHeight - height;
+      olderBefore = page.has_more && page.messages.length ? page.messages[0].id : null;
+    } catch (err) {
+      handleError(err);
+    } finally {
+      loadingOlder = false;
+    }
   }
 
   async function createChat() {
@@ -344,7 +447,7 @@
 
   // The message was refused before the reply began: take it off the page and give it back to edit.
   function restorePending() {
-    const text = pending.querySelector(".bubble").textContent;
+    const text = pending.dataset.text;
     pending.remove();
     pending = null;
     if (!el.input.value) el.input.value = text;
@@ -360,14 +463,16 @@
         break;
       case "token":
         if (streaming) {
-          streaming.querySelector(".bubble").append(frame.text); // a Text node: never HTML
+          setText(streaming, streaming.dataset.text + frame.text); // re-rendered: never parsed as HTML
           scrollDown();
         }
         break;
       case "done":
+        if (streaming && frame.message.id) streaming.dataset.id = frame.message.id;
         finishStreaming(frame.message.finish_reason);
         setContext(frame.usage.context_tokens);
         setBusy(false);
+        moveToTop(currentId);
         break;
       case "error": {
         const error = frame.error || {};
@@ -390,9 +495,84 @@
     if (!text.trim() || busy || sending) return;
     sending = true; // a second Enter while this one waits for a connection is ignored
     try {
-      await deliver(text);
+      if (editing) await saveEdit(text);
+      else await deliver(text);
     } finally {
       sending = false;
+    }
+  }
+
+  // Regenerate and edit run over REST: the server cuts the history back and answers again in one turn.
+  async function rewrite(route, body, userText) {
+    const id = currentId;
+    clearError();
+    setBusy(true);
+    const replies = el.messages.querySelectorAll(".message.assistant");
+    const lastReply = replies[replies.length - 1];
+    if (lastReply) lastReply.classList.add("streaming");
+    try {
+      const reply = await api("POST", `/v1/sessions/${encodeURIComponent(id)}/${route}`, body);
+      if (currentId !== id) return;
+      if (userText !== undefined) {
+        const users = el.messages.querySelectorAll(".message.user");
+        const lastUser = users[users.length - 1];
+        for (let n = lastUser.nextElementSibling; n;) { const next = n.nextElementSibling; n.remove(); n = next; }
+        setText(lastUser, userText);
+        addMessage("assistant", reply.message.content, reply.message.finish_reason, reply.message.id);
+      } else if (lastReply) {
+        lastReply.remove();
+        addMessage("assistant", reply.message.content, reply.message.finish_reason, reply.message.id);
+      }
+      setContext(reply.usage.context_tokens);
+      moveToTop(id);
+    } catch (err) {
+      if (lastReply) lastReply.classList.remove("streaming");
+      handleError(err);
+    } finally {
+      setBusy(false);
+    }
+  }
+
+  function regenerate() {
+    if (!busy) rewrite("regenerate", {});
+  }
+
+  function startEdit() {
+    const users = el.messages.querySelectorAll(".message.user");
+    if (!users.length || busy) return;
+    editing = true;
+    el.input.value = users[users.length - 1].dataset.text;
+    el.editing.hidden = false;
+    el.send.textContent = "Save";
+    el.input.focus();
+  }
+
+  function stopEditing() {
+    editing = false;
+    el.editing.hidden = true;
+    el.send.textContent = "Send";
+  }
+
+  async function saveEdit(text) {
+    stopEditing();
+    el.input.value = "";
+    await rewrite("edit", { content: text }, text);
+  }
+
+  async function exportConversation(format) {
+    if (!currentId) return;
+    const headers = apiKey ? { Authorization: `Bearer ${apiKey}` } : {};
+    try {
+      const response = await fetch(`/v1/sessions/${encodeURIComponent(currentId)}/export?format=${format}`, { headers });
+      if (!response.ok) throw new ApiError(response.status, "export", `Export failed: the server answered ${response.status}.`);
+      const name = (response.headers.get("Content-Disposition") || "").match(/filename="([^"]+)"/);
+      const link = document.createElement("a");
+      link.href = URL.createObjectURL(await response.blob());
+      link.download = name ? name[1] : `conversation.${format === "markdown" ? "md" : "json"}`;
+      link.click();
+      setTimeout(() => URL.revokeObjectURL(link.href), 10000);
+    } catch (err) {
+      handleError(err instanceof ApiError ? err : new ApiError(0, "unreachable", "Cannot reach the server."));
     }
   }
 
@@ -437,7 +617,11 @@
   }
 
   async function start() {
-    renderConversations();
+    try {
+      await refreshConversations();
+    } catch (err) {
+      handleError(err);
+    }
     // Queued at once, not after /v1/models answers: a message sent meanwhile waits for the saved
     // conversation to be opened instead of finding it without a connection. (A 401 there asks for the key.)
     const id = currentId;
@@ -457,12 +641,19 @@
     send();
   });
   el.input.addEventListener("keydown", (event) => {
-    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+    if (event.key === "Escape" && editing) {
+      stopEditing();
+      el.input.value = "";
+    } else if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
       event.preventDefault();
       send();
     }
   });
   el.stop.addEventListener("click", stop);
+  el.messages.addEventListener("scroll", loadOlder);
+  el.exportMd.addEventListener("click", () => exportConversation("markdown"));
+  el.exportJson.addEventListener("click", () => exportConversation("json"));
+  el.cancelEdit.addEventListener("click", () => { stopEditing(); el.input.value = ""; });
   el.newChat.addEventListener("click", newChat);
   el.keyForm.addEventListener("submit", saveKey);
   el.showKey.addEventListener("click", () => {

@@ -1,5 +1,6 @@
 """The terminal client (`python -m app.client`, `reformer-chat chat`) driven through its stdin and stdout
-against a live server: streamed replies, /new, /history, /quit, resuming, Ctrl-C stopping a reply."""
+against a live server: streamed replies, /new, /history, /quit, resuming, Ctrl-C stopping a reply,
+/sessions, /regenerate, /edit and /export."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -208,3 +210,37 @@ def test_an_unreachable_server_or_a_wrong_key_is_a_clear_error(
     terminals.append(down)
     down.expect(r"error: cannot reach the server at http://127.0.0.1:9")
     assert down.close() == 1
+
+
+def test_sessions_regenerate_edit_and_export(
+    base_url: str, http: httpx.Client, terminals: list[Terminal], tmp_path: Path
+) -> None:
+    terminal = start(terminals, base_url, "--temperature", "0", "--max-tokens", "6")
+    first = session_of(terminal)
+    terminal.expect(PROMPT)
+    terminal.send("Hello there.")
+    terminal.expect(r"tokens in context\]")
+    terminal.send("/regenerate")  # greedy: the same reply again, in place of the old one
+    regenerated = terminal.expect(r"bot> (.*?)\n\[(\w+) · (\d+) tokens in context\]")
+    stored = http.get(f"/v1/sessions/{first}").json()["messages"]
+    assert len(stored) == 2 and printable(stored[1]["content"]) == regenerated.group(1)
+    terminal.send("/edit Goodbye now.")
+    terminal.expect(r"tokens in context\]")
+    stored = http.get(f"/v1/sessions/{first}").json()["messages"]
+    assert [m["content"] for m in stored][:1] == ["Goodbye now."] and len(stored) == 2
+    out = tmp_path / "chat.md"
+    terminal.send(f"/export {out}")
+    terminal.expect(r"saved this conversation to")
+    assert out.read_text().startswith("# Goodbye now.")
+    terminal.send("/new")
+    second = session_of(terminal)
+    terminal.send("/sessions")
+    listing = terminal.expect(r"\*\s+1\. \(untitled\).*?\n\s+2\. Goodbye now\.")
+    assert listing
+    terminal.send("/sessions 2")
+    terminal.expect(rf"switched to session {first} \(2 messages")
+    terminal.send("/edit")
+    terminal.expect(r"error: /edit takes the new text")
+    terminal.send("/quit")
+    assert terminal.close() == 0
+    assert second != first
