@@ -32,10 +32,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from app.embedded_redis import EmbeddedRedis
 from openai import OpenAI
 
 from app.config import SHIPPED_MODEL_DIR
+from app.store.embedded_redis import EmbeddedRedis
 from bench._common import REPO_ROOT, environment, write_json
 from bench._serve import Messages, ServerProcess, ServerSpec
 from model import ChatTokenizer
