@@ -52,17 +52,22 @@ class SessionIndex:
 
     async def add(self, owner: str, session_id: str) -> None:
         async with self._store.op("index_add"):
-            await self._redis.zadd(self.key(owner), {session_id: _now_ms()})
-            await self._redis.pexpire(self.key(owner), self._store.ttl_ms)
+            # One round trip: both commands are on the owner's key, so one slot on a Cluster too.
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.zadd(self.key(owner), {session_id: _now_ms()})
+            pipe.pexpire(self.key(owner), self._store.ttl_ms)
+            await pipe.execute()
 
     async def touched(self, owner: str, session_id: str | None = None) -> None:
         """One of the owner's conversations was used (moved to the front when `session_id` is given and
         listed). Best effort: a failure here must not fail the turn that already succeeded."""
         try:
             async with self._store.op("index_touch"):
+                pipe = self._redis.pipeline(transaction=False)
                 if session_id is not None:
-                    await self._redis.zadd(self.key(owner), {session_id: _now_ms()}, xx=True)
-                await self._redis.pexpire(self.key(owner), self._store.ttl_ms)
+                    pipe.zadd(self.key(owner), {session_id: _now_ms()}, xx=True)
+                pipe.pexpire(self.key(owner), self._store.ttl_ms)
+                await pipe.execute()
         except StoreUnavailable:
             logger.warning("could not update the conversation list of %s", owner)
 
