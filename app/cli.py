@@ -54,6 +54,7 @@ def run(
 
     from app.factory import create_app
     from app.malloc import pin_mmap_threshold
+    from app.protocols import uvicorn_config
 
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -61,15 +62,7 @@ def run(
     host = settings.host if host is None else host
     port = settings.port if port is None else port
     pin_mmap_threshold(settings.malloc_mmap_threshold_bytes)
-    config = uvicorn.Config(
-        create_app(settings),
-        host=host,
-        port=port,
-        log_level=settings.log_level,
-        lifespan="on",
-        ws_max_size=settings.max_body_bytes,
-        timeout_graceful_shutdown=10,
-    )
+    config = uvicorn_config(settings, create_app(settings), host, port)
     try:
         started = asyncio.run(_serve(uvicorn.Server(config), host, on_ready))
     except KeyboardInterrupt:

@@ -46,6 +46,12 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = Field(default=120, ge=0)
     cors_allow_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     ws_allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    trusted_proxy_ips: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    enable_docs: bool | None = None
+
+    max_connections: int = Field(default=1000, ge=0)
+    header_timeout_seconds: float = Field(default=10.0, gt=0)
+    send_timeout_seconds: float = Field(default=30.0, gt=0)
 
     session_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=60)
     session_lock_seconds: float = Field(default=30.0, ge=1.0)
@@ -61,6 +67,10 @@ class Settings(BaseSettings):
     batch_prompt_tokens: int = Field(default=32, ge=0)
     max_running_requests: int = Field(default=16, ge=1)
     max_waiting_requests: int = Field(default=32, ge=0)
+    max_requests_per_key: int | None = Field(default=None, ge=1)
+    max_prompt_tokens: int = Field(default=8192, ge=1)
+    max_sessions_per_key: int = Field(default=1000, ge=0)
+    max_stored_bytes_per_key: int = Field(default=256 * 1024 * 1024, ge=0)
     retry_after_seconds: int = Field(default=2, ge=1)
 
     @field_validator("api_keys", mode="before")
@@ -80,7 +90,17 @@ class Settings(BaseSettings):
             return value
         return [normalize_origin(str(item)) for item in items if str(item).strip()]
 
-    @field_validator("redis_url", "admin_token", "model_dir", mode="before")
+    @field_validator("trusted_proxy_ips", mode="before")
+    @classmethod
+    def _split_proxies(cls, value: object) -> object:
+        """TRUSTED_PROXY_IPS is a comma-separated list of addresses or networks (uvicorn's syntax)."""
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator(
+        "redis_url", "admin_token", "model_dir", "max_requests_per_key", "enable_docs", mode="before"
+    )
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         """`REDIS_URL=` (as in .env.example) means "not set", not the empty URL or the current directory."""
@@ -137,6 +157,19 @@ class Settings(BaseSettings):
     def resolved_model_dir(self) -> Path:
         """MODEL_DIR, or the shipped checkpoint when unset."""
         return self.model_dir if self.model_dir is not None else SHIPPED_MODEL_DIR
+
+    @property
+    def requests_per_key(self) -> int:
+        """MAX_REQUESTS_PER_KEY, or by default a quarter of the engine's running + queued slots (at least
+        one): one caller's burst then fills its own share, never everyone's."""
+        if self.max_requests_per_key is not None:
+            return self.max_requests_per_key
+        return max(1, (self.max_running_requests + self.max_waiting_requests) // 4)
+
+    @property
+    def docs_enabled(self) -> bool:
+        """ENABLE_DOCS, or by default on in development and off in production."""
+        return self.environment == "development" if self.enable_docs is None else self.enable_docs
 
     @property
     def max_body_bytes(self) -> int:

@@ -29,6 +29,7 @@ from websockets.sync.client import ClientConnection, connect
 from app.cli import bound_url
 from app.config import Settings
 from app.factory import create_app
+from app.protocols import uvicorn_config
 from model.checkpoint import save_checkpoint
 from model.config import ReformerConfig
 from model.reformer import ReformerLM
@@ -109,14 +110,7 @@ def free_port() -> int:
 @contextmanager
 def running_server(settings: Settings) -> Iterator[str]:
     """A real uvicorn serving create_app(settings) on a free loopback port, in a thread; yields its URL."""
-    config = uvicorn.Config(
-        create_app(settings),
-        host="127.0.0.1",
-        port=0,
-        log_level=settings.log_level,
-        lifespan="on",
-        ws_max_size=settings.max_body_bytes,
-    )
+    config = uvicorn_config(settings, create_app(settings), "127.0.0.1", 0)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
     thread.start()
@@ -212,3 +206,41 @@ def endless_params(tokenizer: ChatTokenizer, max_tokens: int) -> dict[str, Any]:
     max_tokens: OpenAI-style logit_bias -100 on end-of-turn and the role tokens."""
     banned = (tokenizer.end_id, tokenizer.user_id, tokenizer.assistant_id, tokenizer.system_id)
     return {"temperature": 0, "max_tokens": max_tokens, "logit_bias": {str(i): -100 for i in banned}}
+
+
+def client_frame(opcode: int, payload: bytes) -> bytes:
+    """One masked websocket frame as a client sends it (RFC 6455 5.2), for raw-socket tests; payload under
+    64 KiB. Opcodes: 1 text, 2 binary, 9 ping."""
+    mask = os.urandom(4)
+    length = len(payload)
+    head = bytes([0x80 | opcode])
+    head += bytes([0x80 | length]) if length < 126 else bytes([0x80 | 126]) + length.to_bytes(2, "big")
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def handshake_request(base_url: str, path: str, headers: dict[str, str] | None = None) -> bytes:
+    """A websocket upgrade request (HTTP/1.1 GET with the handshake headers) for a raw socket."""
+    host = base_url.split("://", 1)[1]
+    lines = [
+        f"GET {path} HTTP/1.1",
+        f"Host: {host}",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version: 13",
+        *(f"{name}: {value}" for name, value in (headers or {}).items()),
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def raw_connection(base_url: str) -> socket.socket:
+    host, port = base_url.split("://", 1)[1].rsplit(":", 1)
+    return socket.create_connection((host, int(port)))
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection (pytest-timeout bounds a hang)."""
+    received = b""
+    while chunk := sock.recv(65536):
+        received += chunk
+    return received
