@@ -33,7 +33,9 @@ from app.errors import EngineFailed, InvalidRequest, SessionNotFound, StoreUnava
 from app.schemas import SamplingFields
 from app.store.history import ConversationInfo, HistoryStore, RewindTarget
 from app.store.index import SessionIndex
+from app.store.quota import StorageQuota
 from app.store.sessions import (
+    ID_BYTES,
     Rewind,
     Role,
     SessionRecord,
@@ -42,6 +44,7 @@ from app.store.sessions import (
     StoredResponse,
     TurnConflict,
     TurnLock,
+    new_session_id,
     utc_now,
 )
 from model import ChatTokenizer, SamplingParams
@@ -77,6 +80,7 @@ class ChatService:
         settings: Settings,
         history: HistoryStore,
         index: SessionIndex,
+        quota: StorageQuota,
     ) -> None:
         self.store = store
         self.engine = engine
@@ -85,19 +89,34 @@ class ChatService:
         self.settings = settings
         self.history = history
         self.index = index
+        self.quota = quota
+        # The most bytes one generated token can add to a stored reply: its longest piece, JSON-escaped
+        # at worst (6 bytes per character, \uXXXX). For the storage quota's worst-case reservation.
+        self._reply_bytes_per_token = 6 * max(
+            len(tokenizer.decode([i]).encode()) for i in range(tokenizer.vocab_size)
+        )
         # A reply ends at end-of-turn, or if the model starts another turn (a role token) instead.
         self._stop_ids = (tokenizer.end_id, tokenizer.user_id, tokenizer.assistant_id, tokenizer.system_id)
+        # Ids with no text that end nothing (padding, unknown): never generated, even if biased up.
+        self._suppress_ids = tuple(sorted(tokenizer.special_ids - set(self._stop_ids)))
 
     async def create_session(
         self, owner: str, *, metadata: dict[str, str] | None = None, listed: bool = True
     ) -> SessionRecord:
         """A new conversation; `listed` ones appear in the owner's list (the index entry comes first,
-        see app/store/index.py), the hidden ones hold Responses API chains."""
-        if listed:
-            record = await self.store.create(owner, metadata=metadata)
-            await self.index.add(owner, record.session_id)
-            return record
-        return await self.store.create(owner, kind="responses", metadata=metadata)
+        see app/store/index.py), the hidden ones hold Responses API chains. Either is counted against
+        the owner's MAX_SESSIONS_PER_KEY first (QuotaExceeded), and uncounted if it is not created."""
+        session_id = new_session_id()
+        await self.quota.add_session(owner, session_id)
+        try:
+            if listed:
+                record = await self.store.create(owner, metadata=metadata, session_id=session_id)
+                await self.index.add(owner, record.session_id)
+                return record
+            return await self.store.create(owner, kind="responses", metadata=metadata, session_id=session_id)
+        except BaseException:
+            await self.quota.release(owner, [session_id])
+            raise
 
     async def get_session(self, owner: str, session_id: str, *, with_messages: bool = True) -> SessionRecord:
         record = await self.store.get(session_id, owner, with_messages=with_messages)
@@ -115,6 +134,10 @@ class ChatService:
         await self.store.delete(session_id, owner)
         self.state_cache.discard((owner, session_id))
         await self.index.remove(owner, session_id)
+        try:
+            await self.quota.release(owner, [session_id])
+        except StoreUnavailable:  # the ledger drops it later, when the key next reaches a limit
+            logger.warning("could not release session %s from its key's quota", session_id)
 
     async def append_messages(
         self, owner: str, session_id: str, messages: Sequence[InputMessage]
@@ -124,6 +147,11 @@ class ChatService:
         stored = self.stored_inputs(messages)
         new_ids = [i for _, ids in stored for i in ids]
         async with self.store.turn_lock(session_id, owner) as lock:
+            first_seq = lock.seq + 1
+            size = ID_BYTES * len(new_ids) + sum(
+                stored_size(m, first_seq + j) for j, (m, _) in enumerate(stored)
+            )
+            await self.quota.reserve(owner, session_id, size)
             try:
                 await self.store.append_turn(
                     session_id,
@@ -134,7 +162,11 @@ class ChatService:
                     title=title_of(messages),
                 )
             except TurnConflict as exc:
+                await self.quota.settle(owner, session_id, -size)
                 raise _conflict_error(exc, session_id, self.settings.retry_after_seconds) from exc
+            except BaseException:
+                await self.quota.settle(owner, session_id, -size)
+                raise
         await self.index.touched(owner, session_id)
         return tuple(
             StoredMessage(m.role, m.content, m.created_at, None, m.tokens, lock.seq + 1 + j)
@@ -157,6 +189,16 @@ class ChatService:
             ids = self.tokenizer.encode_turn(role, content)
             out.append((StoredMessage(role, content, now, tokens=len(ids)), ids))
         return out
+
+    def worst_case_bytes(self, inputs: Sequence[StoredMessage], prompt_tokens: int, max_tokens: int) -> int:
+        """The most a turn can add to the store: its messages' JSON (the reply's text at the longest
+        piece per token, JSON-escaped), every token id it could write, and a Responses API object that
+        repeats them."""
+        # A reply cut by a stop string re-encodes the cut token's kept text (Turn._store): at most one
+        # token's text, so fewer extra ids than the reply has tokens.
+        ids = ID_BYTES * (prompt_tokens + 2 * max_tokens + 2)
+        text = sum(stored_size(m, 10**12) for m in inputs) + 256 + max_tokens * self._reply_bytes_per_token
+        return ids + 2 * text + 1024
 
     def check_content(self, content: str) -> str:
         """The user message, refused (422) when blank or longer than MAX_MESSAGE_CHARS."""
@@ -197,6 +239,7 @@ class ChatService:
                 max_tokens=s.max_new_tokens if fields.max_tokens is None else fields.max_tokens,
                 seed=fields.seed,
                 stop_token_ids=self._stop_ids,
+                suppress_ids=self._suppress_ids,
                 stop_strings=tuple(fields.stop or ()),
                 logit_bias=dict(fields.logit_bias or {}),
             )
@@ -212,16 +255,33 @@ class ChatService:
         *,
         rewind: RewindTarget | None = None,
         respond: Responder | None = None,
+        tenant: str | None = None,
     ) -> Turn:
         """A turn to run as `async with service.turn(...) as turn:`; see Turn. `content` is the user
-        message, or the messages to add before the reply (none: answer the history as it stands)."""
+        message, or the messages to add before the reply (none: answer the history as it stands).
+        `tenant` is whose share of the engine it takes (default: the owner; a client address on an open
+        server)."""
         inputs: list[InputMessage] = [("user", content)] if isinstance(content, str) else list(content)
-        return Turn(self, owner, session_id, inputs, params, rewind=rewind, respond=respond)
+        return Turn(
+            self,
+            owner,
+            session_id,
+            inputs,
+            params,
+            rewind=rewind,
+            respond=respond,
+            tenant=owner if tenant is None else tenant,
+        )
 
 
 def title_of(messages: Sequence[InputMessage]) -> str:
     first = next((content for role, content in messages if role == "user"), "")
     return " ".join(first.split())[:TITLE_CHARS]
+
+
+def stored_size(message: StoredMessage, seq: int) -> int:
+    """Bytes a message takes in the store: its JSON with `"seq":<n>,` written in front."""
+    return len(message.to_json().encode()) + len(f'"seq":{seq},')
 
 
 def _conflict_error(exc: TurnConflict, session_id: str, retry_after: int) -> Exception:
@@ -253,9 +313,11 @@ class Turn:
         *,
         rewind: RewindTarget | None = None,
         respond: Responder | None = None,
+        tenant: str,
     ):
         self._service = service
         self._owner = owner
+        self._tenant = tenant
         self.session_id = session_id
         self._inputs = inputs
         self._params = params
@@ -272,6 +334,8 @@ class Turn:
         self._finish_called = False
         self.prompt_ids: list[int] = []
         self.created_at = ""
+        self._reserved = 0  # bytes reserved against the key's storage quota
+        self._stored_bytes = 0  # bytes this turn wrote to the store
 
     async def __aenter__(self) -> Turn:
         service = self._service
@@ -285,6 +349,7 @@ class Turn:
                 *(i for _, ids in self._stored_inputs for i in ids),
                 service.tokenizer.assistant_id,
             ]
+            await self._reserve_storage()
             stored = self._lock.context_tokens
             if self._rewind_target is not None:
                 self._rewind = await service.history.plan_rewind(
@@ -304,6 +369,7 @@ class Turn:
                 params=self._params,
                 decoder=service.tokenizer.stream_decoder(),
                 prompt_tokens=len(self.prompt_ids),
+                tenant=self._tenant,
             )
             try:
                 self._handle = service.engine.submit(request)
@@ -318,6 +384,20 @@ class Turn:
             await self._stack.aclose()
             raise
         return self
+
+    async def _reserve_storage(self) -> None:
+        """Reserve the turn's worst case against the key's storage quota (QuotaExceeded before any work);
+        what is not used is given back when the turn is stored, all of it when it is not."""
+        quota = self._service.quota
+        inputs = [m for m, _ in self._stored_inputs]
+        size = self._service.worst_case_bytes(inputs, len(self.prompt_ids), self._params.max_tokens)
+        await quota.reserve(self._owner, self.session_id, size)
+        self._reserved = size
+
+        async def settle() -> None:
+            await quota.settle(self._owner, self.session_id, self._stored_bytes - self._reserved)
+
+        self._stack.push_async_callback(settle)
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -370,9 +450,18 @@ class Turn:
 
     async def _store(self, result: GenerationResult, lock: TurnLock) -> TurnOutcome:
         service = self._service
+        generated, state = result.token_ids, result.state
+        if service.tokenizer.decode(generated) != result.text:
+            # A stop string cut the reply inside the generated tokens: store the tokens of the text the
+            # user received, so the model never remembers text it was not shown. The state has seen every
+            # generated token but the last; it is kept only while that is still a prefix of what is stored.
+            generated = service.tokenizer.ids_for_prefix(generated, result.text)
+            seen = len(result.token_ids) - 1
+            if generated[:seen] != result.token_ids[:seen]:
+                state = None
         # The stored ids always close the turn with end-of-turn, whatever stopped it, so the next turn's
         # context is well formed; the state has seen a prefix of these ids, never more.
-        reply_ids = [service.tokenizer.assistant_id, *result.token_ids, service.tokenizer.end_id]
+        reply_ids = [service.tokenizer.assistant_id, *generated, service.tokenizer.end_id]
         first_seq = lock.seq + 1
         inputs = tuple(
             StoredMessage(m.role, m.content, self.created_at, None, m.tokens, first_seq + j)
@@ -391,6 +480,7 @@ class Turn:
             inputs,
             self._cached_tokens,
         )
+        response = self._respond(outcome) if self._respond is not None else None
         try:
             await service.store.append_turn(
                 self.session_id,
@@ -400,12 +490,19 @@ class Turn:
                 messages=[*inputs, reply],
                 rewind=self._rewind,
                 title=title_of(self._inputs),
-                response=self._respond(outcome) if self._respond is not None else None,
+                response=response,
             )
         except TurnConflict as exc:
             raise _conflict_error(exc, self.session_id, service.settings.retry_after_seconds) from exc
-        if result.state is not None:
+        # What the store now holds more (a rewind's cut token ids count as freed; its cut messages do
+        # not, and stay counted until the session goes: the quota over-counts, never under).
+        self._stored_bytes = (
+            ID_BYTES * (len(new_ids) - (lock.context_tokens - kept))
+            + sum(stored_size(m, m.seq) for m in (*inputs, reply))
+            + (len(response.body.encode()) if response is not None else 0)
+        )
+        if state is not None:
             rewinds = lock.rewinds + (self._rewind is not None)
-            service.state_cache.put(self._key, result.state, result.state_tokens, rewinds)
+            service.state_cache.put(self._key, state, result.state_tokens, rewinds)
         await service.index.touched(self._owner, self.session_id)
         return outcome

@@ -32,14 +32,15 @@ from app.metrics import Metrics
 from app.openai.conversations.router import router as conversations_router
 from app.openai.responses.router import router as responses_router
 from app.openai.router import router as openai_router
-from app.ratelimit import RateLimitDep, RateLimiter
+from app.ratelimit import RateLimitDep, RateLimiter, ReadRateLimitDep
 from app.routes import admin, chat, sessions, stream
 from app.routes.responses import ADMIN_ERRORS, CHAT_ERRORS, OPENAI_ERRORS, SESSION_ERRORS
-from app.security import install_cors, redact_secrets_in_server_logs
+from app.security import PageSecurityHeaders, install_cors, redact_secrets_in_server_logs
 from app.services import Services
 from app.store.embedded_redis import EmbeddedRedis
 from app.store.history import HistoryStore
 from app.store.index import SessionIndex
+from app.store.quota import StorageQuota
 from app.store.redis_client import RedisTarget, connect_redis
 from app.store.sessions import SessionStore
 from model import ChatTokenizer, ReformerLM, load_checkpoint
@@ -101,6 +102,14 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             retry_after=settings.retry_after_seconds,
             metrics=metrics,
         )
+        quota = StorageQuota(
+            client,
+            prefix=settings.redis_key_prefix,
+            max_sessions=settings.max_sessions_per_key,
+            max_bytes=settings.max_stored_bytes_per_key,
+            retry_after=settings.retry_after_seconds,
+            session_meta_key=lambda session_id: store.key(session_id, "meta"),
+        )
         engine = ChatEngine(
             model,
             metrics=metrics,
@@ -109,6 +118,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             prefill_chunk=settings.prefill_chunk_tokens,
             batch_prompt_tokens=settings.batch_prompt_tokens,
             retry_after=settings.retry_after_seconds,
+            max_per_tenant=settings.requests_per_key,
         )
         engine.start()
         stack.callback(engine.stop)
@@ -122,7 +132,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             store=store,
             engine=engine,
             state_cache=state_cache,
-            chat=ChatService(store, engine, state_cache, tokenizer, settings, history, index),
+            chat=ChatService(store, engine, state_cache, tokenizer, settings, history, index, quota),
             api_keys=ApiKeyAuth(settings.api_keys),
             admin=AdminAuth(settings.admin_token.get_secret_value() if settings.admin_token else None),
             checkpoint=checkpoint,
@@ -157,17 +167,31 @@ def _warn_about_open_access(settings: Settings) -> None:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; settings come from the environment and `.env` when not given."""
     settings = settings if settings is not None else Settings()
-    app = FastAPI(title="reformer-chat", summary="Long-context chat on a Reformer LM", lifespan=_lifespan)
+    docs = settings.docs_enabled  # off in production unless ENABLE_DOCS=true
+    app = FastAPI(
+        title="reformer-chat",
+        summary="Long-context chat on a Reformer LM",
+        lifespan=_lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
+    )
     app.state.settings = settings
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(PageSecurityHeaders)
     install_cors(app, settings.cors_allow_origins)  # outermost: even a 413 carries CORS headers
     # Creating routes (a turn, a session) spend the caller's rate-limit budget; see app/ratelimit.py.
-    app.include_router(sessions.router, dependencies=[RateLimitDep], responses=SESSION_ERRORS)
+    # History reads (GET) spend it too on the routers that serve conversations.
+    app.include_router(
+        sessions.router, dependencies=[RateLimitDep, ReadRateLimitDep], responses=SESSION_ERRORS
+    )
     app.include_router(chat.router, dependencies=[RateLimitDep], responses=CHAT_ERRORS)
     app.include_router(stream.router)
     app.include_router(openai_router, dependencies=[RateLimitDep], responses=OPENAI_ERRORS)
-    app.include_router(conversations_router, dependencies=[RateLimitDep], responses=OPENAI_ERRORS)
+    app.include_router(
+        conversations_router, dependencies=[RateLimitDep, ReadRateLimitDep], responses=OPENAI_ERRORS
+    )
     app.include_router(responses_router, dependencies=[RateLimitDep], responses=OPENAI_ERRORS)
     app.include_router(admin.router, responses=ADMIN_ERRORS)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

@@ -1,15 +1,19 @@
-"""Per-key rate limit: turns and new sessions per minute, one budget per caller across every replica.
+"""Per-key rate limit: turns, new sessions and history reads per minute, one budget per caller.
 
-What is metered is what costs: a turn (model time) and a new session (Redis memory). Reads and deletes
-are cheap and idempotent and are not. A caller is its API key (the owner digest); with no API_KEYS set,
-where everyone is "anonymous", it is the client address instead, so one noisy client cannot use up
-everyone's budget.
+What is metered is what costs: a turn (model time), a new session (Redis memory) and a read of
+conversations (Redis and network time, growing with the history): POSTs everywhere, GETs on the session
+and Conversations routers. Deletes and the model list are cheap and are not. A caller is its API key (the
+owner digest); with no API_KEYS set, where everyone is "anonymous", it is the client address instead, so
+one noisy client cannot use up everyone's budget.
 
 The budget lives in Redis, not in the process: two replicas behind a load balancer must not double a
 key's allowance, and the app holds no per-caller memory that a flood of callers could grow. It is GCRA
 (the generic cell rate algorithm): one key per caller holding its "theoretical arrival time", so a
 caller may burst up to RATE_LIMIT_PER_MINUTE at once and then one request every 60 / limit seconds.
 The script reads Redis's own clock, so replicas with skewed clocks still agree.
+
+The client address is the socket's peer, or the `X-Forwarded-For` of a proxy listed in TRUSTED_PROXY_IPS
+(uvicorn rewrites it, app/server.py): no one else can choose the address they are counted under.
 """
 
 from __future__ import annotations
@@ -110,13 +114,25 @@ class RateLimiter:
             raise RateLimited(self.per_minute, retry_after=max(1, math.ceil(wait_ms / 1000)))
 
 
-async def rate_limited(request: Request, owner: OwnerDep) -> None:
-    """Router dependency: meter the router's creating requests (after auth, so a bad key is a 401
-    that spends nothing and touches no Redis)."""
-    if request.method not in METERED_METHODS:
-        return
+async def _spend(request: Request, owner: str) -> None:
     limiter: RateLimiter = request.app.state.rate_limiter
     await limiter.check(caller_identity(owner, request.client.host if request.client else None))
 
 
+async def rate_limited(request: Request, owner: OwnerDep) -> None:
+    """Router dependency: meter the router's creating requests (after auth, so a bad key is a 401
+    that spends nothing and touches no Redis)."""
+    if request.method in METERED_METHODS:
+        await _spend(request, owner)
+
+
+async def read_metered(request: Request, owner: OwnerDep) -> None:
+    """Router dependency for routers whose reads cost (a session's history, by page or whole, its export,
+    the list of sessions; the Conversations API's items): every GET spends one request of the same
+    budget, whatever its size, so repeated history reads cannot keep Redis and the server busy."""
+    if request.method == "GET":
+        await _spend(request, owner)
+
+
 RateLimitDep = Depends(rate_limited)
+ReadRateLimitDep = Depends(read_metered)

@@ -17,15 +17,19 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Sequence
-from urllib.parse import urlsplit
+from urllib.parse import unquote_plus, urlsplit
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 ANY_ORIGIN = "*"
 _DEFAULT_PORTS = {"http": 80, "https": 443}
-# Query parameters that carry a credential, in a logged path such as /v1/sessions/x/stream?api_key=...
-_QUERY_SECRET = re.compile(r"([?&](?:api_key|access_token|token)=)[^&\s\"']*", re.IGNORECASE)
+# Query parameters that carry a credential, in a logged path such as /v1/sessions/x/stream?api_key=...,
+# matched on the name as the server reads it (percent-decoded, `+` as a space) in any letter case, so
+# `?api%5Fkey=` or `?API_KEY=` is redacted too.
+_SECRET_NAMES = frozenset({"api_key", "access_token", "token"})
+_QUERY_PAIR = re.compile(r"([?&;])([^=&;?\s\"']*)=([^&;\s\"']*)")
 # The loggers uvicorn writes request paths to: handshakes and errors, and the access log.
 _SERVER_LOGGERS = ("uvicorn.error", "uvicorn.access")
 
@@ -97,8 +101,62 @@ def install_cors(app: FastAPI, origins: Sequence[str]) -> None:
     )
 
 
+# The chat page's policy: its own script and styles only (it has no inline script or style), its API and
+# websocket on the same origin, never framed (clickjacking), no Referer leaving it (a session id in a URL).
+PAGE_HEADERS: tuple[tuple[bytes, bytes], ...] = (
+    (
+        b"content-security-policy",
+        b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        b"connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+    ),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"x-content-type-options", b"nosniff"),
+)
+PAGE_PATHS = ("/static/",)
+
+
+class PageSecurityHeaders:
+    """Adds PAGE_HEADERS to the chat page (`/`) and its static files; the API's JSON needs none, and
+    /docs (development) loads its viewer from a CDN, which the page's policy would block."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not (path == "/" or path.startswith(PAGE_PATHS)):
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *PAGE_HEADERS]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def _decoded_name(raw: str) -> str:
+    """A query parameter's name as a server would read it, however many times it was percent-encoded."""
+    name = raw
+    for _ in range(4):
+        decoded = unquote_plus(name)
+        if decoded == name:
+            break
+        name = decoded
+    return name.strip().lower()
+
+
+def _redact_pair(match: re.Match[str]) -> str:
+    separator, name, _ = match.groups()
+    if _decoded_name(name) in _SECRET_NAMES:
+        return f"{separator}{name}=[redacted]"
+    return match.group(0)
+
+
 def _redact(value: object) -> object:
-    return _QUERY_SECRET.sub(r"\1[redacted]", value) if isinstance(value, str) else value
+    return _QUERY_PAIR.sub(_redact_pair, value) if isinstance(value, str) else value
 
 
 class RedactQuerySecrets(logging.Filter):

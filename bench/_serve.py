@@ -67,6 +67,8 @@ class ServerProcess:
             "STATE_CACHE_BYTES": str(spec.cache_bytes),
             "MAX_RUNNING_REQUESTS": str(spec.max_running),
             "MAX_WAITING_REQUESTS": str(4 * spec.max_running),
+            # One benchmark client sends every request: let it use the whole engine.
+            "MAX_REQUESTS_PER_KEY": str(5 * spec.max_running),
             "MAX_MESSAGE_CHARS": "100000",
             "MAX_NEW_TOKENS": "64",
             "LOG_LEVEL": "warning",

@@ -48,6 +48,9 @@ class SamplingParams:
     stop_strings: tuple[str, ...] = ()
     # Added to the logits before sampling, OpenAI's logit_bias: -100 bans a token, +100 forces it.
     logit_bias: Mapping[int, float] = field(default_factory=dict)
+    # Token ids never sampled, whatever logit_bias says: the tokenizer's special ids that carry no text
+    # and end nothing (padding, unknown), which would otherwise be stored invisibly in a reply.
+    suppress_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.temperature) or self.temperature < 0:
@@ -70,6 +73,7 @@ class SamplingParams:
         # Normalise sequences to tuples so equal params compare (and hash their fields) equal.
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
+        object.__setattr__(self, "suppress_ids", tuple(self.suppress_ids))
 
     def make_generator(self, device: torch.device | str = "cpu") -> torch.Generator:
         """A fresh generator for one request: seeded when `seed` is set, else from OS entropy."""
@@ -129,6 +133,7 @@ def sample_rows(
     # inf - inf is NaN; clamped, every later step stays finite or -inf.
     limit = torch.finfo(logits.dtype).max
     logits.clamp_(-limit, limit)
+    _suppress(logits, [p.suppress_ids for p in params])
     picks: list[int] = logits.argmax(dim=-1).tolist()  # the greedy rows' answer
     # Rows with a top-k filter need only their k best tokens (topk is far cheaper than a full sort).
     sampled = [r for r, p in enumerate(params) if p.temperature > 0]
@@ -157,6 +162,16 @@ def _apply_logit_bias(logits: Tensor, biases: Sequence[Mapping[int, float]]) -> 
         )
         values = torch.tensor([v for b in biases for v in b.values()], device=device, dtype=logits.dtype)
         logits.index_put_(index, values, accumulate=True)
+
+
+def _suppress(logits: Tensor, suppressed: Sequence[tuple[int, ...]]) -> None:
+    """Set each row's suppressed ids to -inf in place: no bias or penalty can bring them back."""
+    rows = [row for row, ids in enumerate(suppressed) for _ in ids]
+    if rows:
+        columns = [i for ids in suppressed for i in ids]
+        logits[torch.tensor(rows, device=logits.device), torch.tensor(columns, device=logits.device)] = float(
+            "-inf"
+        )
 
 
 def _apply_repetition_penalty(

@@ -254,6 +254,19 @@ class ChatTokenizer:
             ids.append(self.assistant_id)
         return ids
 
+    def ids_for_prefix(self, ids: Sequence[int], text: str) -> list[int]:
+        """Token ids that decode to exactly `text`, a prefix of `decode(ids)` (a reply cut at a stop string):
+        the longest prefix of `ids` whose text lies inside `text`, then the rest of `text` encoded.
+
+        So the ids stored for a conversation are the tokens of what its user was shown, and a state rebuilt
+        from them has seen no text the user never received.
+        """
+        for keep in range(len(ids), -1, -1):
+            head = self.decode(ids[:keep])
+            if text.startswith(head):
+                return [*ids[:keep], *self.encode(text[len(head) :])]
+        raise AssertionError("unreachable: the empty prefix decodes to ''")
+
     def stream_decoder(self) -> StreamDecoder:
         """A fresh incremental decoder over this tokenizer."""
         return StreamDecoder(self)

@@ -6,7 +6,8 @@ text pieces and results of each step go back to the event loop together (`Outbox
 
 Continuous batching. The thread runs steps; each step
 1. admits waiting requests, up to `max_running` in flight (beyond that they wait; beyond `max_waiting`
-   more, submit() refuses with 429);
+   more, submit() refuses with 429, and so it does for a tenant that already holds `max_per_tenant` of
+   them, so that one caller's burst is its own 429 and never everyone's);
 2. feeds at most `prefill_chunk` prompt tokens, shortest remaining prompt first, in separate prefill
    calls: a request's new turn, or a whole conversation re-fed after a cache miss. A 64 K-token rebuild
    therefore takes many steps, and the conversations already streaming get a token at every one of them
@@ -83,6 +84,7 @@ class ChatEngine:
         prefill_chunk: int,
         retry_after: int,
         batch_prompt_tokens: int = 32,
+        max_per_tenant: int | None = None,
     ) -> None:
         if max_running < 1 or max_waiting < 0 or prefill_chunk < 1 or batch_prompt_tokens < 0:
             raise ValueError(
@@ -94,6 +96,8 @@ class ChatEngine:
         self._metrics = metrics
         self._max_running = max_running
         self._capacity = max_running + max_waiting
+        self._per_tenant = self._capacity if max_per_tenant is None else max_per_tenant
+        self._by_tenant: dict[str, int] = {}  # requests running or queued, per tenant (none at 0)
         self._prefill_chunk = prefill_chunk
         # Stepping a prompt through a batch needs fixed-size states (lsh/local): "full" rows run alone.
         self._batch_prompt_tokens = 0 if model.config.has_full_layers else batch_prompt_tokens
@@ -130,6 +134,14 @@ class ChatEngine:
                     f"the server has {self._in_flight} replies running or queued, its limit: retry shortly",
                     retry_after=self._retry_after,
                 )
+            held = self._by_tenant.get(request.tenant, 0)
+            if held >= self._per_tenant:
+                raise Overloaded(
+                    f"this API key has {held} replies running or queued, its share of this server: retry "
+                    "when one has finished",
+                    retry_after=self._retry_after,
+                )
+            self._by_tenant[request.tenant] = held + 1
             self._in_flight += 1
             self._publish_counts()
         handle = GenerationHandle()
@@ -364,9 +376,7 @@ class ChatEngine:
         else:
             metrics.request_failure.inc()
         self._running -= 1
-        with self._count_lock:
-            self._in_flight -= 1
-            self._publish_counts()
+        self._release(run.request)
         self._outbox.post(run.job, result)
 
     def _drain_inbox(self) -> None:
@@ -382,10 +392,19 @@ class ChatEngine:
             result = GenerationResult(
                 [], "", "cancelled", state, state.seen_tokens() if state is not None else 0
             )
-            with self._count_lock:
-                self._in_flight -= 1
-                self._publish_counts()
+            self._release(job.request)
             job.post(result)
+
+    def _release(self, request: GenerationRequest) -> None:
+        """A request of submit() has ended: free its slot and its tenant's."""
+        with self._count_lock:
+            self._in_flight -= 1
+            left = self._by_tenant[request.tenant] - 1
+            if left:
+                self._by_tenant[request.tenant] = left
+            else:
+                del self._by_tenant[request.tenant]
+            self._publish_counts()
 
     def _publish_counts(self) -> None:
         running = self._running

@@ -37,6 +37,9 @@ class GenerationRequest:
     decoder: TextDecoder
     # How many of feed_ids (at the end) are the new prompt, as opposed to re-fed history; for metrics.
     prompt_tokens: int = 0
+    # Whose request this is (an API key's owner id, or a client address on an open server): the engine
+    # holds at most `max_per_tenant` requests of one tenant, running or queued.
+    tenant: str = ""
 
 
 @dataclass

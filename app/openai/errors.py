@@ -37,6 +37,20 @@ class OpenAIInvalidRequest(InvalidRequest):
         self.param = param
 
 
+class PromptTooLong(OpenAIInvalidRequest):
+    """A stateless prompt over MAX_PROMPT_TOKENS: OpenAI's 400 `context_length_exceeded`."""
+
+    code = "context_length_exceeded"
+
+    def __init__(self, tokens: int, limit: int, param: str = "messages") -> None:
+        super().__init__(
+            f"the prompt is {tokens} tokens long, more than this server's MAX_PROMPT_TOKENS={limit}: "
+            "send fewer or shorter messages, or keep the conversation stored on the server (a session, or "
+            "store=true), where only the new message is fed",
+            param=param,
+        )
+
+
 class ModelNotFound(ServiceError):
     status, code = 404, "model_not_found"
 

@@ -33,6 +33,7 @@ from app.openai.protocol import (
     ModelList,
 )
 from app.openai.serving import CompletionResult, CompletionRun, OpenAIChat
+from app.ratelimit import caller_identity
 from app.routes.disconnect import watch_disconnect
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute)
@@ -144,7 +145,8 @@ async def chat_completions(
     x_session_id: Annotated[str | None, Header()] = None,
 ) -> Response:
     session_id = valid_session_id(x_session_id) if x_session_id is not None else None
-    run = CompletionRun(openai.completion(body, owner, session_id))
+    tenant = caller_identity(owner, request.client.host if request.client else None)
+    run = CompletionRun(openai.completion(body, owner, session_id, tenant=tenant))
     watcher = asyncio.create_task(watch_disconnect(request, run.cancel))
     try:
         await run.start()

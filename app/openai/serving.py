@@ -5,8 +5,8 @@ same way for both:
 
 - Stateless (no X-Session-Id), like any OpenAI server: the whole `messages` list is encoded with the chat
   template and prefilled into a fresh decode state; nothing is stored in Redis and no state is cached
-  (there is no conversation to come back to). The whole history travels in every request, so it is
-  bounded by the request body limit.
+  (there is no conversation to come back to). The whole history travels in every request; its length
+  in tokens is bounded by MAX_PROMPT_TOKENS (400 `context_length_exceeded` beyond, before any model work).
 - On a session (X-Session-Id, a session the caller's key owns): the server already holds the
   conversation, so only the last message (which must be the user's) is new. It runs as an ordinary
   ChatService turn: stored like a REST or websocket turn, and the session's cached decode state is
@@ -32,7 +32,7 @@ from pydantic import ValidationError
 from app.chat import ChatService, Turn
 from app.engine.requests import GenerationHandle, GenerationRequest
 from app.errors import EngineFailed
-from app.openai.errors import ModelNotFound, OpenAIInvalidRequest
+from app.openai.errors import ModelNotFound, OpenAIInvalidRequest, PromptTooLong
 from app.openai.protocol import ChatCompletionRequest, ChatMessage
 from app.schemas import SamplingFields
 from model import FinishReason, SamplingParams
@@ -177,7 +177,7 @@ class OpenAIChat:
         return self.chat.sampling_params(fields)
 
     def completion(
-        self, request: ChatCompletionRequest, owner: str, session_id: str | None
+        self, request: ChatCompletionRequest, owner: str, session_id: str | None, *, tenant: str
     ) -> Callable[[], AbstractAsyncContextManager[Completion]]:
         """Validate everything now (errors are 4xx before any work), and return how to open it."""
         if request.model != self.model_id:
@@ -193,29 +193,35 @@ class OpenAIChat:
                     param="messages",
                 )
             content = self.chat.check_content(message_text(request.messages[last], last))
-            return lambda: self._on_session(owner, session_id, content, params)
+            return lambda: self._on_session(owner, session_id, content, params, tenant)
         conversation = [
             {"role": "system" if m.role == "developer" else m.role, "content": message_text(m, i)}
             for i, m in enumerate(request.messages)
         ]
         prompt_ids = self.chat.tokenizer.encode_chat(conversation, add_generation_prompt=True)
-        return lambda: self._stateless(prompt_ids, params)
+        limit = self.chat.settings.max_prompt_tokens
+        if len(prompt_ids) > limit:
+            raise PromptTooLong(len(prompt_ids), limit)
+        return lambda: self._stateless(prompt_ids, params, tenant)
 
     @asynccontextmanager
     async def _on_session(
-        self, owner: str, session_id: str, content: str, params: SamplingParams
+        self, owner: str, session_id: str, content: str, params: SamplingParams, tenant: str
     ) -> AsyncIterator[Completion]:
-        async with self.chat.turn(owner, session_id, content, params) as turn:
+        async with self.chat.turn(owner, session_id, content, params, tenant=tenant) as turn:
             yield _TurnCompletion(turn)
 
     @asynccontextmanager
-    async def _stateless(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Completion]:
+    async def _stateless(
+        self, prompt_ids: list[int], params: SamplingParams, tenant: str
+    ) -> AsyncIterator[Completion]:
         request = GenerationRequest(
             state=None,
             feed_ids=prompt_ids,
             params=params,
             decoder=self.chat.tokenizer.stream_decoder(),
             prompt_tokens=len(prompt_ids),
+            tenant=tenant,
         )
         handle = self.chat.engine.submit(request)
         try:

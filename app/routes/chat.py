@@ -14,6 +14,7 @@ from fastapi import APIRouter, Request
 from app.chat import ChatService, InputMessage, Turn, TurnOutcome
 from app.deps import ChatDep, OwnerDep, SessionIdDep
 from app.openai.items import item_id
+from app.ratelimit import caller_identity
 from app.routes.disconnect import watch_disconnect
 from app.schemas import MessageOut, MessageRequest, ReplyOut, SamplingFields, Usage
 from app.store.history import RewindTarget
@@ -61,7 +62,8 @@ async def _answer(
     disconnected = asyncio.Event()
     tasks = [asyncio.create_task(watch_disconnect(request, disconnected.set))]
     try:
-        async with chat.turn(owner, session_id, inputs, params, rewind=rewind) as turn:
+        tenant = caller_identity(owner, request.client.host if request.client else None)
+        async with chat.turn(owner, session_id, inputs, params, rewind=rewind, tenant=tenant) as turn:
             tasks.append(asyncio.create_task(_cancel_when(disconnected, turn)))
             outcome = await turn.finish()
     finally:

@@ -47,10 +47,12 @@ _DESCRIPTIONS = {
     401: "Missing or invalid credentials (`unauthorized`).",
     404: "No such session for this API key (`session_not_found`; another key's session looks the same), "
     "or no such model (`model_not_found`).",
-    409: "The session is already generating a reply (`session_busy`).",
+    409: "The session is already generating a reply (`session_busy`), or the key holds as many sessions or "
+    "stored bytes as it may (`quota_exceeded`).",
     413: "The request body is over the server's limit (`payload_too_large`).",
     422: "The request is malformed or out of range (`invalid_request`); nothing was stored.",
-    429: "Over the key's rate limit (`rate_limited`) or the server's queue is full (`overloaded`).",
+    429: "Over the key's rate limit (`rate_limited`), or the key's share of the server or the server's queue "
+    "is full (`overloaded`).",
     500: "The model failed while generating (`generation_failed`); the turn was not stored.",
     503: "Redis or the model is unavailable (`store_unavailable`, `model_unavailable`, `not_ready`).",
 }
@@ -67,7 +69,7 @@ def error_responses(*statuses: int, model: type[BaseModel] = ErrorBody) -> dict[
     return out
 
 
-SESSION_ERRORS = error_responses(400, 401, 404, 413, 422, 429, 503)
+SESSION_ERRORS = error_responses(400, 401, 404, 409, 413, 422, 429, 503)
 CHAT_ERRORS = error_responses(400, 401, 404, 409, 413, 422, 429, 500, 503)
 ADMIN_ERRORS = error_responses(401, 413, 503)
 OPENAI_ERRORS = error_responses(400, 401, 404, 409, 413, 429, 500, 503, model=OpenAIErrorBody)

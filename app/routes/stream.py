@@ -4,11 +4,13 @@ Client frames: `{"type": "message", "content": ..., <sampling fields>}` and `{"t
 Server frames: `start`, `token` (texts concatenate to exactly the stored reply), `done`, `error`.
 One turn at a time per connection: a message sent while a reply is streaming gets an error frame
 (`session_busy`), as a second turn on a busy session gets 409 over REST. A bad frame (invalid JSON, an
-unknown type, a binary frame) gets an error frame and the socket stays usable; a failed auth closes with
-1008, a frame over the server's size limit with 1009 (uvicorn's `ws_max_size`), invalid UTF-8 with 1007.
-A handshake from a browser page of a foreign origin is refused before it is accepted (app/security.py).
-Each message spends the caller's rate-limit budget like a REST turn. A disconnect or a cancel stops
-generation within one decode step, and the turn is stored with what was generated, as "cancelled".
+unknown type, a binary frame) gets an error frame and the socket stays usable; a frame over the server's
+size limit closes it with 1009 (uvicorn's `ws_max_size`), invalid UTF-8 with 1007. The handshake is
+refused before it is accepted, as an HTTP answer, for a browser page of a foreign origin (403,
+app/security.py), a bad key (401) and a session that is missing or another key's (404).
+Each frame but a cancel spends the caller's rate-limit budget like a REST request. A disconnect or a
+cancel stops generation within one decode step, and the turn is stored with what was generated, as
+"cancelled"; so does a client that reads nothing for SEND_TIMEOUT_SECONDS (app/protocols.py).
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ from collections.abc import MutableMapping
 from typing import Any
 
 from fastapi import APIRouter, WebSocket
+from fastapi.responses import JSONResponse
 from pydantic import TypeAdapter, ValidationError
 from starlette.websockets import WebSocketDisconnect
 
 from app.auth import bearer_token
 from app.chat import ChatService, Turn
 from app.deps import ServicesDep, valid_session_id
-from app.errors import InvalidRequest, ServiceError, SessionBusy, StoreUnavailable, Unauthorized
+from app.errors import InvalidRequest, ServiceError, SessionBusy
 from app.ratelimit import RateLimiter, caller_identity
 from app.routes.chat import reply_out
 from app.schemas import CancelFrame, ClientFrame, MessageFrame
@@ -86,17 +89,30 @@ class _Connection:
                 await reader
 
     async def _read(self) -> None:
-        """Parse client frames; cancel acts at once, a message goes to the main task when idle."""
+        """Parse client frames; cancel acts at once, a message goes to the main task when idle.
+
+        Every frame but a cancel spends the caller's rate-limit budget, valid or not, as a REST request
+        does (its dependency runs before the body is validated): bad frames are not a free way to keep
+        the server busy."""
         try:
             while True:
                 message = await self._ws.receive()
                 if message["type"] == "websocket.disconnect":
                     return
-                frame = await self._parse(message)
-                if frame is None:
-                    continue
+                problem: ServiceError | None = None
+                try:
+                    frame = self._parse(message)
+                except InvalidRequest as exc:
+                    frame, problem = None, exc
                 if isinstance(frame, CancelFrame):
                     self._cancel()
+                    continue
+                try:
+                    await self._limiter.check(self._identity)
+                except ServiceError as exc:
+                    problem = exc
+                if problem is not None or frame is None:
+                    await self._send_error(problem or InvalidRequest("bad frame"))
                 elif self._busy:
                     await self._send_error(SessionBusy(self._session_id))
                 else:
@@ -115,25 +131,23 @@ class _Connection:
         elif self._busy:
             self._cancel_pending = True
 
-    async def _parse(self, message: MutableMapping[str, Any]) -> MessageFrame | CancelFrame | None:
-        """The frame, or None after sending an error frame for a bad one."""
+    @staticmethod
+    def _parse(message: MutableMapping[str, Any]) -> MessageFrame | CancelFrame:
+        """The frame; InvalidRequest for a bad one."""
         raw = message.get("text")
         if raw is None:
             # Not decoded with replacement characters: that would store text the user never sent.
-            await self._send_error(InvalidRequest("binary frames are refused: send JSON in a text frame"))
-            return None
+            raise InvalidRequest("binary frames are refused: send JSON in a text frame")
         try:
             return _FRAME.validate_json(raw)
         except ValidationError as exc:
-            await self._send_error(_frame_error(exc))
-            return None
+            raise _frame_error(exc) from exc
 
     async def _run_turn(self, frame: MessageFrame) -> None:
         chat = self._chat
         content = chat.check_content(frame.content)
         params = chat.sampling_params(frame)
-        await self._limiter.check(self._identity)  # only a valid message spends the budget
-        async with chat.turn(self._owner, self._session_id, content, params) as turn:
+        async with chat.turn(self._owner, self._session_id, content, params, tenant=self._identity) as turn:
             self._turn = turn
             if self._cancel_pending:
                 turn.cancel()
@@ -174,23 +188,18 @@ async def stream(websocket: WebSocket, session_id: str, services: ServicesDep) -
         logger.info("refused a websocket handshake from origin %r", websocket.headers.get("origin"))
         await websocket.close(code=1008, reason="origin not allowed")  # before accept: HTTP 403
         return
-    await websocket.accept()
+    # Key and session ownership are checked before the handshake completes: a refused client gets an
+    # HTTP answer (401, 404, 503) instead of a 101, and no frame of its is ever read.
     token = bearer_token(websocket.headers.get("authorization")) or websocket.query_params.get("api_key")
     try:
         owner = services.api_keys.owner(token)
-    except Unauthorized:
-        await websocket.close(code=1008, reason="unauthorized")
-        return
-    try:
         valid_session_id(session_id)
         await services.chat.get_session(owner, session_id, with_messages=False)
-    except StoreUnavailable as exc:
-        await websocket.send_text(json.dumps(error_frame(exc)))
-        await websocket.close(code=1013, reason="store unavailable")  # 1013: try again later
-        return
     except ServiceError as exc:
-        await websocket.send_text(json.dumps(error_frame(exc)))
-        await websocket.close(code=1008, reason=exc.code)
+        await websocket.send_denial_response(
+            JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+        )
         return
+    await websocket.accept()
     limiter: RateLimiter = websocket.app.state.rate_limiter
     await _Connection(websocket, services.chat, limiter, owner, session_id).run()

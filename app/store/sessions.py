@@ -288,11 +288,18 @@ class SessionStore:
             await self._redis.ping()
 
     async def create(
-        self, owner: str, *, kind: str = "chat", metadata: dict[str, str] | None = None
+        self,
+        owner: str,
+        *,
+        kind: str = "chat",
+        metadata: dict[str, str] | None = None,
+        session_id: str | None = None,
     ) -> SessionRecord:
         """A new empty conversation. `kind` "chat" is a conversation its owner sees in their list;
-        "responses" holds a chain of Responses API calls made without a conversation (not listed)."""
-        session_id, created_at = new_session_id(), utc_now()
+        "responses" holds a chain of Responses API calls made without a conversation (not listed).
+        A fresh id unless given one (the quota ledger counts the session before it exists)."""
+        session_id = new_session_id() if session_id is None else session_id
+        created_at = utc_now()
         async with self.op("create"):
             await self._create(
                 keys=[self.key(session_id, "meta")],

@@ -3,15 +3,18 @@ process stays up, and it serves again once Redis is back (redis-py reconnects)."
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from pathlib import Path
 
 import httpx
+import pytest
 import redis
+from websockets.exceptions import InvalidStatus
 
 from app.store.embedded_redis import EmbeddedRedis
-from tests.support import frame, free_port, make_settings, open_ws, quiet_params, running_server
+from tests.support import free_port, make_settings, open_ws, quiet_params, running_server
 
 
 class RedisProcess:
@@ -68,9 +71,11 @@ def test_redis_down_is_503_and_the_service_recovers(tiny_checkpoint: Path) -> No
             assert ready.json()["error"]["code"] == "not_ready"
             assert ready.json()["error"]["message"].startswith("redis:")
             assert http.get("/admin/health").status_code == 200  # the process is still up
-            with open_ws(url, session_id) as ws:
-                error = frame(ws)
-                assert error["type"] == "error" and error["error"]["code"] == "store_unavailable"
+            with pytest.raises(InvalidStatus) as refused:  # the websocket: refused in its handshake
+                open_ws(url, session_id)
+            assert refused.value.response.status_code == 503
+            assert refused.value.response.headers["Retry-After"] == "4"
+            assert json.loads(refused.value.response.body)["error"]["code"] == "store_unavailable"
 
             redis_process.start()  # empty again: it kept nothing
             assert http.get("/admin/ready").status_code == 200

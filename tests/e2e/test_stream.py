@@ -1,4 +1,4 @@
-"""Websocket end to end: frames, exact streamed text, cancel and disconnect, bad frames, auth closes 1008."""
+"""Websocket end to end: frames, exact streamed text, cancel, disconnect, bad frames, refused handshakes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection
 
 from model.tokenizer import ChatTokenizer
@@ -190,23 +190,22 @@ def test_a_message_during_a_reply_is_refused_as_busy(
     assert [m["content"] for m in messages if m["role"] == "user"] == ["Talk forever."]
 
 
-def test_auth_by_header_or_query_and_failures_close_1008(base_url: str, http: httpx.Client) -> None:
+def test_auth_by_header_or_query_and_failures_are_refused_in_the_handshake(
+    base_url: str, http: httpx.Client
+) -> None:
     session_id = http.post("/v1/sessions").json()["session_id"]
     with open_ws(base_url, session_id, headers=None, query=f"?api_key={KEY}") as ws:
         _, _, done = run_turn(ws, content="Browser here.", **quiet_params())
         assert done["type"] == "done"
     for headers, query in [(None, ""), ({"Authorization": "Bearer wrong"}, ""), (None, "?api_key=wrong")]:
-        with (
-            open_ws(base_url, session_id, headers=headers, query=query) as ws,
-            pytest.raises(ConnectionClosed) as closed,
-        ):
-            ws.recv()
-        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
-    # Another key's session: an error frame, then 1008, exactly as for a session that does not exist.
+        with pytest.raises(InvalidStatus) as refused:
+            open_ws(base_url, session_id, headers=headers, query=query)
+        response = refused.value.response
+        assert response.status_code == 401 and response.headers["WWW-Authenticate"] == "Bearer"
+        assert json.loads(response.body)["error"]["code"] == "unauthorized"
+    # Another key's session: 404, exactly as for a session that does not exist.
     for sid, headers in [(session_id, {"Authorization": "Bearer other-key"}), ("Q" * len(session_id), AUTH)]:
-        with open_ws(base_url, sid, headers=headers) as ws:
-            error = frame(ws)
-            assert error["type"] == "error" and error["error"]["code"] == "session_not_found"
-            with pytest.raises(ConnectionClosed) as closed:
-                ws.recv()
-            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+        with pytest.raises(InvalidStatus) as refused:
+            open_ws(base_url, sid, headers=headers)
+        assert refused.value.response.status_code == 404
+        assert json.loads(refused.value.response.body)["error"]["code"] == "session_not_found"

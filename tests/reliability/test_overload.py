@@ -64,6 +64,7 @@ def test_overload_is_429_with_retry_after_and_memory_stays_bounded(
             max_new_tokens=MAX_TOKENS,
             max_running_requests=RUNNING,
             max_waiting_requests=WAITING,
+            max_requests_per_key=RUNNING + WAITING,  # one client sends every wave: no fair-share cut
             admin_token="admin",
             retry_after_seconds=2,
         )

@@ -1,15 +1,19 @@
-"""Per-key rate limit: a key over its budget of turns and new sessions gets 429 `rate_limited` with
-Retry-After, over REST and the websocket alike; other keys, reads and bad credentials spend nothing of
-it; two replicas share one budget (it lives in Redis); with the API open, each client address has its
-own; and the budget refills at the configured rate."""
+"""Per-key rate limit: a key over its budget of turns, new sessions and history reads gets 429
+`rate_limited` with Retry-After, over REST and the websocket alike (where invalid frames spend it as
+invalid REST bodies do); other keys, deletes and bad credentials spend nothing of it; two replicas share
+one budget (it lives in Redis); with the API open, each client address has its own, and a client cannot
+choose its address with X-Forwarded-For unless it is a trusted proxy; the budget refills at the
+configured rate."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 
 import httpx
 import pytest
+import redis
 from redis.asyncio import Redis
 
 from app.metrics import Metrics
@@ -43,6 +47,17 @@ def replicas(live_server: LiveServerFactory) -> Iterator[tuple[str, str]]:
         yield one.url, two.url
 
 
+def stored_messages(session_id: str) -> list[dict[str, str]]:
+    """A session's messages read from Redis, not through the (metered) API."""
+    client = redis.Redis.from_url(TEST_REDIS_URL)
+    try:
+        keys = [k for k in client.scan_iter(match=f"*chat:{{{session_id}}}:msgs")]
+        assert len(keys) == 1
+        return [json.loads(m) for m in client.lrange(keys[0], 0, -1)]
+    finally:
+        client.close()
+
+
 def assert_rate_limited(response: httpx.Response) -> None:
     assert response.status_code == 429, response.text
     assert response.json()["error"]["code"] == "rate_limited"
@@ -68,8 +83,9 @@ def test_a_key_over_its_budget_gets_429_and_others_do_not(replicas: tuple[str, s
             f"/v1/sessions/{session_id}/messages", json={"content": "again", **quiet_params()}, headers=KEY_A
         )
         assert_rate_limited(refused)
-        # Reads and deletes are not metered; other keys have their own budget.
-        assert len(http.get(f"/v1/sessions/{session_id}", headers=KEY_A).json()["messages"]) == 2
+        # History reads are metered too (their cost grows with the conversation); deletes are not, and
+        # other keys have their own budget.
+        assert_rate_limited(http.get(f"/v1/sessions/{session_id}", headers=KEY_A))
         assert http.post("/v1/sessions", headers=KEY_B).status_code == 201
         assert http.delete(f"/v1/sessions/{session_id}", headers=KEY_A).status_code == 204
 
@@ -80,20 +96,22 @@ def test_websocket_messages_spend_the_same_budget(replicas: tuple[str, str]) -> 
     with httpx.Client(base_url=one, headers=key_c, timeout=None) as http:
         session_id = http.post("/v1/sessions").json()["session_id"]
         with open_ws(one, session_id, key_c) as ws:
-            for _ in range(2):
-                send(ws, type="message", content="hello", **quiet_params())
-                while (event := frame(ws))["type"] != "done":
-                    assert event["type"] in ("start", "token"), event
+            send(ws, type="message", content="hello", **quiet_params())
+            while (event := frame(ws))["type"] != "done":
+                assert event["type"] in ("start", "token"), event
+            # Invalid frames spend the budget as invalid REST bodies do: not a free way to keep it busy.
+            # (The budget of 3: the new session, "hello", and this.)
+            send(ws, type="message", content="", **quiet_params())
+            assert frame(ws)["error"]["code"] == "invalid_request"
             send(ws, type="message", content="one too many", **quiet_params())
             error = frame(ws)
             assert error["type"] == "error" and error["error"]["code"] == "rate_limited", error
             assert 1 <= error["retry_after"] <= 60 // LIMIT
-            send(ws, type="message", content="", **quiet_params())  # invalid: a 422 that spends nothing
-            assert frame(ws)["error"]["code"] == "invalid_request"
-        assert [m["content"] for m in http.get(f"/v1/sessions/{session_id}").json()["messages"]][::2] == [
-            "hello",
-            "hello",
-        ]
+            send(ws, type="cancel")  # cancels are free, and idle ones get no answer
+            ws.send("not json either")
+            assert frame(ws)["error"]["code"] == "rate_limited"
+        stored = stored_messages(session_id)
+        assert [m["content"] for m in stored][::2] == ["hello"]
 
 
 def test_an_open_api_limits_each_client_address(live_server: LiveServerFactory) -> None:
@@ -105,6 +123,23 @@ def test_an_open_api_limits_each_client_address(live_server: LiveServerFactory) 
         with here, there:
             assert [here.post("/v1/sessions").status_code for _ in range(3)] == [201, 201, 429]
             assert there.post("/v1/sessions").status_code == 201
+
+
+def test_forwarded_headers_buy_nothing_unless_the_proxy_is_trusted(live_server: LiveServerFactory) -> None:
+    """Rotating X-Forwarded-For from loopback (uvicorn alone trusts loopback's forwarded headers) must not
+    give a client a fresh budget per request; from an address in TRUSTED_PROXY_IPS, it names the client."""
+
+    def statuses(url: str) -> list[int]:
+        with httpx.Client(base_url=url) as http:
+            return [
+                http.post("/v1/sessions", headers={"X-Forwarded-For": f"203.0.113.{i}"}).status_code
+                for i in range(3)
+            ]
+
+    with live_server(rate_limit_per_minute=2) as live:
+        assert statuses(live.url) == [201, 201, 429]
+    with live_server(rate_limit_per_minute=2, trusted_proxy_ips=["127.0.0.1"]) as live:
+        assert statuses(live.url) == [201, 201, 201]  # three clients behind a trusted proxy
 
 
 def test_the_budget_refills_at_the_configured_rate() -> None:

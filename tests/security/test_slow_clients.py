@@ -139,19 +139,20 @@ def test_a_websocket_client_that_never_reads_loses_its_turn_and_lock(
         flood.start()
         with httpx.Client(base_url=base_url, headers=AUTH) as http:
             deadline = time.monotonic() + PATIENCE
-            while True:
-                messages = http.get(f"/v1/sessions/{session_id}").json()["messages"]
-                if messages:
-                    break
+            # The session takes a new turn again (409 while the silent client holds the lock).
+            while (
+                turn := http.post(
+                    f"/v1/sessions/{session_id}/messages",
+                    json={"content": "Anyone there?", "temperature": 0, "max_tokens": 4},
+                )
+            ).status_code == 409:
                 assert time.monotonic() < deadline, "the silent client still holds its turn"
                 time.sleep(0.1)
-            assert messages[1]["finish_reason"] == "cancelled"
-            # The lock went with the turn: the session takes a new turn at once.
-            turn = http.post(
-                f"/v1/sessions/{session_id}/messages",
-                json={"content": "Anyone there?", "temperature": 0, "max_tokens": 4},
-            )
             assert turn.status_code == 200, turn.text
+            messages = http.get(f"/v1/sessions/{session_id}").json()["messages"]
+        # The silent client's turn was stored, as cancelled, before the new one.
+        assert [m["content"] for m in messages[::2]] == ["Talk forever.", "Anyone there?"]
+        assert messages[1]["finish_reason"] == "cancelled"
         flood.join()
         assert flood.dropped
 

@@ -2,8 +2,8 @@
 stays unaffected (a fresh connection chats normally afterwards, and nothing bad was stored).
 
 Binary frames, JSON that is not an object, lone surrogates: error frames, socket still usable.
-A frame over the size limit: close 1009. Invalid UTF-8 in a text frame: close 1007. Frames sent before
-a failed auth: close 1008 and none of them acted on. A flood of cancels: silence, then normal turns.
+A frame over the size limit: close 1009. Invalid UTF-8 in a text frame: close 1007. Frames sent with a
+handshake that fails auth: an HTTP 401, and none of them read. A flood of cancels: silence, then normal turns.
 """
 
 from __future__ import annotations
@@ -21,10 +21,14 @@ from websockets.sync.client import ClientConnection
 from model.tokenizer import ChatTokenizer
 from tests.support import (
     LiveServerFactory,
+    client_frame,
     endless_params,
     frame,
+    handshake_request,
     open_ws,
     quiet_params,
+    raw_connection,
+    read_until_closed,
     send,
 )
 
@@ -114,14 +118,17 @@ def test_invalid_utf8_in_a_text_frame_closes_1007(base_url: str, session_id: str
     server_unaffected(base_url)
 
 
-def test_frames_sent_before_a_failed_auth_are_never_acted_on(base_url: str, session_id: str) -> None:
+def test_frames_sent_with_a_refused_handshake_are_never_read(base_url: str, session_id: str) -> None:
+    """The handshake and 20 message frames in one write, before the server can answer: it answers 401
+    (no 101, so the frames are never parsed as frames), closes, and nothing was acted on."""
+    message = json.dumps({"type": "message", "content": "let me in", **quiet_params()}).encode()
     for headers in (None, {"Authorization": "Bearer wrong-key"}):
-        with open_ws(base_url, session_id, headers) as ws:
-            # Sent at once, before the server has looked at the key; it may close before the last one.
-            with contextlib.suppress(ConnectionClosed):
-                for _ in range(20):
-                    send(ws, type="message", content="let me in", **quiet_params())
-            assert closed_with(ws) == 1008
+        with raw_connection(base_url) as sock:
+            path = f"/v1/sessions/{session_id}/stream"
+            sock.sendall(handshake_request(base_url, path, headers) + client_frame(1, message) * 20)
+            answer = read_until_closed(sock)
+        assert answer.startswith(b"HTTP/1.1 401 ") and b" 101 " not in answer
+        assert answer.count(b"HTTP/1.1") == 1  # one answer, to the handshake; the frames got none
     assert messages(base_url, session_id) == []
     server_unaffected(base_url)
 

@@ -25,6 +25,7 @@ from app.openai.errors import OpenAIRoute, openai_error_response
 from app.openai.responses.protocol import ResponseCreateRequest
 from app.openai.responses.serving import ResponseJob, ResponsesServing
 from app.openai.serving import CompletionRun
+from app.ratelimit import caller_identity
 
 router = APIRouter(prefix="/v1/responses", tags=["openai"], route_class=OpenAIRoute)
 
@@ -93,7 +94,9 @@ async def _stream(job: ResponseJob, run: CompletionRun, watcher: asyncio.Task[No
 async def create_response(
     body: ResponseCreateRequest, request: Request, owner: OwnerDep, serving: ServingDep
 ) -> Response:
-    job = serving.job(body, owner)
+    job = serving.job(
+        body, owner, tenant=caller_identity(owner, request.client.host if request.client else None)
+    )
     target = await serving.target(job)
     run = CompletionRun(job.opener(target))
     watcher = asyncio.create_task(_watch_disconnect(request, run))

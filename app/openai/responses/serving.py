@@ -30,11 +30,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from app.chat import ChatService, InputMessage, Turn, TurnOutcome
+from app.chat import ChatService, InputMessage, Turn, TurnOutcome, stored_size
 from app.engine import GenerationHandle, GenerationRequest
 from app.errors import EngineFailed, SessionNotFound
 from app.openai.conversations.serving import checked_messages, conversation_errors
-from app.openai.errors import ModelNotFound, OpenAIInvalidRequest
+from app.openai.errors import ModelNotFound, OpenAIInvalidRequest, PromptTooLong
 from app.openai.items import (
     NotFound,
     check_metadata,
@@ -46,7 +46,7 @@ from app.openai.items import (
 from app.openai.responses.protocol import ResponseCreateRequest, conversation_param
 from app.openai.serving import Completion, CompletionResult
 from app.schemas import SamplingFields
-from app.store.sessions import StoredResponse
+from app.store.sessions import ID_BYTES, StoredResponse
 from model import FinishReason, SamplingParams
 
 _STATUS = {"stop": "completed", "length": "incomplete", "cancelled": "cancelled"}
@@ -104,10 +104,12 @@ class ResponseJob:
         owner: str,
         params: SamplingParams,
         inputs: list[InputMessage],
+        tenant: str,
     ) -> None:
         self._serving = serving
         self.request = request
         self.owner = owner
+        self.tenant = tenant  # whose share of the engine it takes (app/engine/engine.py)
         self.params = params
         self.inputs = inputs
         self.created_at = int(time.time())
@@ -186,12 +188,17 @@ class ResponseJob:
         chat = self._serving.chat
         if target.session_id is None:
             prompt = self._prompt_ids()
+            feed_ids = [*target.history_ids, *prompt]
+            limit = chat.settings.max_prompt_tokens
+            if len(feed_ids) > limit:  # all of it is fed to a fresh state: bounded like a chat completion
+                raise PromptTooLong(len(feed_ids), limit, param="input")
             request = GenerationRequest(
                 state=None,
-                feed_ids=[*target.history_ids, *prompt],
+                feed_ids=feed_ids,
                 params=self.params,
                 decoder=chat.tokenizer.stream_decoder(),
                 prompt_tokens=len(prompt),
+                tenant=self.tenant,
             )
             handle = chat.engine.submit(request)
             try:
@@ -205,7 +212,9 @@ class ResponseJob:
             body = self.finished(_generated(outcome))
             return StoredResponse(self.response_id, json.dumps(body, ensure_ascii=False))
 
-        async with chat.turn(self.owner, session_id, self.inputs, self.params, respond=respond) as turn:
+        async with chat.turn(
+            self.owner, session_id, self.inputs, self.params, respond=respond, tenant=self.tenant
+        ) as turn:
             self.item_id = item_id(turn.reply_seq)
             self.response_id = response_id(session_id, turn.reply_seq)
             yield _OnSession(turn, self)
@@ -301,7 +310,7 @@ class ResponsesServing:
             raise OpenAIInvalidRequest(str(exc), "logit_bias") from exc
         return self.chat.sampling_params(fields)
 
-    def job(self, request: ResponseCreateRequest, owner: str) -> ResponseJob:
+    def job(self, request: ResponseCreateRequest, owner: str, *, tenant: str) -> ResponseJob:
         """Validate everything that needs no Redis (errors are 400s before any work)."""
         if request.model != self.model_id:
             raise ModelNotFound(request.model, self.model_id)
@@ -309,7 +318,7 @@ class ResponsesServing:
         inputs = checked_messages(self.chat, request.input, "input")
         if request.instructions:
             inputs.insert(0, ("system", request.instructions))
-        return ResponseJob(self, request, owner, self.sampling_params(request), inputs)
+        return ResponseJob(self, request, owner, self.sampling_params(request), inputs, tenant)
 
     async def target(self, job: ResponseJob) -> Target:
         """Where the response runs (see the module doc); 404s for what the key cannot see."""
@@ -346,8 +355,15 @@ class ResponsesServing:
         """A new hidden session holding a copy of an earlier point of a chain."""
         chat = self.chat
         session_id = (await chat.create_session(owner, listed=False)).session_id
-        async with chat.store.turn_lock(session_id, owner) as lock:
-            await chat.store.append_turn(session_id, owner, lock, new_ids=ids, messages=list(messages))
+        # The copy counts against the key's stored bytes like any turn (app/store/quota.py).
+        size = ID_BYTES * len(ids) + sum(stored_size(m, j + 1) for j, m in enumerate(messages))
+        await chat.quota.reserve(owner, session_id, size)
+        try:
+            async with chat.store.turn_lock(session_id, owner) as lock:
+                await chat.store.append_turn(session_id, owner, lock, new_ids=ids, messages=list(messages))
+        except BaseException:
+            await chat.quota.settle(owner, session_id, -size)
+            raise
         return session_id
 
     async def retrieve(self, owner: str, resp_id: str, *, delete: bool = False) -> dict[str, Any]:
