@@ -13,7 +13,7 @@ caller may burst up to RATE_LIMIT_PER_MINUTE at once and then one request every 
 The script reads Redis's own clock, so replicas with skewed clocks still agree.
 
 The client address is the socket's peer, or the `X-Forwarded-For` of a proxy listed in TRUSTED_PROXY_IPS
-(uvicorn rewrites it, app/server.py): no one else can choose the address they are counted under.
+(uvicorn rewrites it, app/protocols.py): no one else can choose the address they are counted under.
 """
 
 from __future__ import annotations

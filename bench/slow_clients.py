@@ -30,7 +30,7 @@ import httpx
 import psutil
 import uvicorn
 
-from tests.app.support import (
+from tests.support import (
     build_tiny_checkpoint,
     client_frame,
     delete_prefix,
@@ -48,8 +48,8 @@ RESULTS = Path(__file__).resolve().parent / "results" / "slow_clients.json"
 
 def serve(config: str, port: int, checkpoint: Path, prefix: str) -> None:
     """Run the app with the stock uvicorn protocols or the bounded ones until killed."""
-    from app.main import create_app
-    from app.server import uvicorn_config
+    from app.factory import create_app
+    from app.protocols import uvicorn_config
 
     settings = make_settings(
         checkpoint,
@@ -58,6 +58,7 @@ def serve(config: str, port: int, checkpoint: Path, prefix: str) -> None:
         max_new_tokens=4000,
         rate_limit_per_minute=0,
         send_timeout_seconds=1.0,
+        session_lock_seconds=30,  # production's default: the lock is renewed while its turn runs
     )
     app = create_app(settings)
     if config == "bounded":
