@@ -87,7 +87,7 @@ def test_a_stateless_prompt_over_the_token_limit_is_refused_before_work(
     base_url: str, tokenizer: ChatTokenizer
 ) -> None:
     model = httpx.get(f"{base_url}/v1/models", headers=KEY_A).json()["data"][0]["id"]
-    long = "word " * 200  # well under MAX_MESSAGE_CHARS, well over 64 tokens
+    long = "word " * 75  # under MAX_MESSAGE_CHARS, over 64 tokens
     assert len(tokenizer.encode(long)) > MAX_PROMPT_TOKENS
     fed_before = prefill_tokens(base_url)
     response = httpx.post(
@@ -104,3 +104,21 @@ def test_a_stateless_prompt_over_the_token_limit_is_refused_before_work(
         headers=KEY_A,
     )
     assert short.status_code == 200
+
+
+def test_an_unstored_response_over_the_token_limit_is_refused_before_work(
+    base_url: str, tokenizer: ChatTokenizer
+) -> None:
+    """The Responses API with store=false feeds everything to a fresh state, like a chat completion."""
+    model = httpx.get(f"{base_url}/v1/models", headers=KEY_A).json()["data"][0]["id"]
+    text = "word " * 75  # under MAX_MESSAGE_CHARS, over 64 tokens
+    assert len(tokenizer.encode(text)) > MAX_PROMPT_TOKENS
+    fed_before = prefill_tokens(base_url)
+    response = httpx.post(
+        f"{base_url}/v1/responses",
+        json={"model": model, "input": text, "store": False, "max_output_tokens": 4},
+        headers=KEY_A,
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == "context_length_exceeded"
+    assert prefill_tokens(base_url) == fed_before

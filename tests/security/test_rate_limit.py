@@ -85,7 +85,8 @@ def test_a_key_over_its_budget_gets_429_and_others_do_not(replicas: tuple[str, s
         assert_rate_limited(refused)
         # History reads are metered too (their cost grows with the conversation); deletes are not, and
         # other keys have their own budget.
-        assert_rate_limited(http.get(f"/v1/sessions/{session_id}", headers=KEY_A))
+        for read in (f"/v1/sessions/{session_id}", f"/v1/sessions/{session_id}/messages", "/v1/sessions"):
+            assert_rate_limited(http.get(read, headers=KEY_A))
         assert http.post("/v1/sessions", headers=KEY_B).status_code == 201
         assert http.delete(f"/v1/sessions/{session_id}", headers=KEY_A).status_code == 204
 
