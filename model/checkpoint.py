@@ -28,7 +28,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_model
 
-from model.config import ReformerConfig
+from model.config import LEGACY_DEFAULTS, ReformerConfig
 from model.reformer import ReformerLM
 from model.tokenizer import ChatTokenizer
 
@@ -143,7 +143,7 @@ def load_config(path: str | os.PathLike[str]) -> ReformerConfig:
             "re-save the checkpoint with this version of model/checkpoint.py"
         )
     known = {field.name for field in dataclasses.fields(ReformerConfig)}
-    unknown, missing = sorted(set(data) - known), sorted(known - set(data))
+    unknown, missing = sorted(set(data) - known), sorted(known - set(data) - set(LEGACY_DEFAULTS))
     if unknown or missing:
         raise CheckpointError(
             f"{file}: unknown field(s) {unknown}, missing field(s) {missing}; the checkpoint was written by "

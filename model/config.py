@@ -8,6 +8,9 @@ from typing import Any
 
 ATTENTION_KINDS = ("lsh", "local", "full")
 
+# Fields added after checkpoints were first written, with the value a config.json without them meant.
+LEGACY_DEFAULTS: dict[str, Any] = {"shared_qk": True}
+
 
 @dataclass(frozen=True)
 class ReformerConfig:
@@ -44,8 +47,14 @@ class ReformerConfig:
     # Rotary base for local and full layers. Local windows are bounded, so rotary angles there never
     # leave the trained range, whatever the conversation length.
     rotary_base: float = 10000.0
-    # Score given to a query's own key: low enough to lose to any real key, so a token attends to itself
-    # only when it has nothing else (the Reformer paper's shared-QK rule).
+    # LSH layers: keys are the normalised queries (the Reformer paper's rule) when True; separate query and
+    # key projections, hashed with the same rotations, when False. Shared QK cannot learn in-context
+    # copying (its score is symmetric, so a query prefers the earlier twin of its own context, which cannot
+    # hold the next token; docs/BENCHMARKS.md, copy task), so new models use separate Q/K. Configs written
+    # before this field existed meant True (LEGACY_DEFAULTS).
+    shared_qk: bool = False
+    # Shared QK only: the score of a query's own key, low enough to lose to any real key, so a token attends
+    # to itself only when it has nothing else. With separate Q/K the own key scores q.k like any other.
     self_attn_score: float = -1e5
     # Longest sequence the model was trained on; informational (the model runs at any length).
     max_train_len: int = 1024
@@ -89,6 +98,8 @@ class ReformerConfig:
             )
         if self.rotary_base <= 1.0:
             raise ValueError(f"rotary_base must be > 1, got {self.rotary_base}")
+        if not isinstance(self.shared_qk, bool):
+            raise ValueError(f"shared_qk must be true or false, got {self.shared_qk!r}")
         if self.self_attn_score >= -1e3:
             raise ValueError(
                 f"self_attn_score {self.self_attn_score} is too high to lose to real keys: use -1e5"
@@ -112,11 +123,13 @@ class ReformerConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ReformerConfig:
+        """The config to_dict() wrote. A field in LEGACY_DEFAULTS that the dict lacks takes the value it
+        had before the field existed, so older checkpoints load as what they were trained as."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown ReformerConfig field(s) {unknown}; known fields: {sorted(known)}")
-        values = dict(data)
+        values = LEGACY_DEFAULTS | dict(data)
         if "attn_layers" in values:
             values["attn_layers"] = tuple(values["attn_layers"])
         return cls(**values)
@@ -148,7 +161,8 @@ class ReformerConfig:
 
     @classmethod
     def small(cls, vocab_size: int = 4096, **overrides: Any) -> ReformerConfig:
-        """The shipped CPU-trained chat model (about 2.3 M parameters).
+        """The size of the shipped CPU-trained chat model (about 2.3 M parameters; that checkpoint predates
+        `shared_qk` and is a shared-QK model).
 
         Sized for its training budget on a CPU: at a fixed time a smaller model that sees more tokens reaches
         a lower loss than a wider one that sees fewer (the budget and the measurement: docs/MODEL.md).

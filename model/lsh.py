@@ -1,15 +1,21 @@
 """Strictly causal LSH attention with a bounded decode state.
 
-Semantics (docs/DESIGN.md, "Attention"): per head and hash round, each token is hashed into one of `n_buckets`
-buckets by a fixed random rotation of its shared query/key vector. A query attends to the at most
-`bucket_size` most recent earlier keys of its own bucket, and to itself only when it has nothing else. Rounds
-are combined with their logsumexp weights.
+Semantics (docs/DESIGN.md, "Attention"): per head and hash round, queries and keys are hashed into one of
+`n_buckets` buckets by a fixed random rotation. A query attends to the at most `bucket_size` most recent
+earlier keys whose key bucket is its query bucket; rounds are combined with their logsumexp weights. Two
+variants (`ReformerConfig.shared_qk`):
 
-Sorting all entries by (bucket, position) puts each query's candidate keys right before it, within
-`bucket_size` places, so the full-sequence path is chunked attention over the sorted order (own chunk plus
-the previous one) with a same-bucket and rank-distance mask. The output at position t depends only on tokens
-<= t: which keys a query sees never depends on where later tokens land. Decoding keeps, per bucket, the last
-`bucket_size` entries, which are exactly the keys any future query of that bucket can see.
+- separate Q/K: queries and keys come from their own projections, hashed with the same rotations; a query
+  also always sees its own key, at its real score. Queries and keys sort differently, so each query's
+  window is gathered from the keys' sorted order (key_windows.py).
+- shared QK (the Reformer paper's): keys are the normalised queries, so a token's query and key share a
+  bucket, and a token attends to itself only when it has nothing else. Sorting all entries by (bucket,
+  position) puts each query's candidate keys right before it, within `bucket_size` places, so the
+  full-sequence path is chunked attention over the sorted order (chunked_attention.py).
+
+Either way the output at position t depends only on tokens <= t: which keys a query sees never depends on
+where later tokens land. Decoding keeps, per key bucket, the last `bucket_size` keys, which are exactly the
+keys any future query of that bucket can see.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from torch import Tensor, nn
 
 from .chunked_attention import sorted_chunk_attention
 from .config import ReformerConfig
+from .key_windows import key_window_attention
 from .state import LSHLayerState
 
 
@@ -42,7 +49,8 @@ def combine_rounds(out: Tensor, lse: Tensor) -> Tensor:
 
 
 class LSHAttention(nn.Module):
-    """Shared-QK LSH attention: full-sequence forward(), and decode() with a per-bucket state."""
+    """LSH attention (shared QK or separate Q/K): full-sequence forward(), and decode() with a per-bucket
+    state."""
 
     rotations: Tensor  # (H, R, D, NB/2), a buffer
 
@@ -52,8 +60,13 @@ class LSHAttention(nn.Module):
         self.n_hashes, self.n_buckets = config.n_hashes, config.n_buckets
         self.bucket_size = config.bucket_size
         self.self_score = config.self_attn_score
+        self.shared_qk = config.shared_qk
         inner = config.n_heads * config.d_head
-        self.to_qk = nn.Linear(config.d_model, inner, bias=False)
+        if config.shared_qk:
+            self.to_qk = nn.Linear(config.d_model, inner, bias=False)
+        else:
+            self.to_q = nn.Linear(config.d_model, inner, bias=False)
+            self.to_k = nn.Linear(config.d_model, inner, bias=False)
         self.to_v = nn.Linear(config.d_model, inner, bias=False)
         self.to_out = nn.Linear(inner, config.d_model)
         # Fixed per layer and saved with the weights: hashing is deterministic at inference, and the
@@ -62,12 +75,27 @@ class LSHAttention(nn.Module):
         self.register_buffer("rotations", rotations)
 
     def _project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x (B, L, d_model) -> shared qk, unit keys, values, each (B, H, L, D)."""
+        """x (B, L, d_model) -> queries (not yet scaled), keys, values, each (B, H, L, D).
+
+        Shared QK: the keys are the unit-length queries."""
         B, L, _ = x.shape
-        qk = self.to_qk(x).view(B, L, self.n_heads, self.d_head).transpose(1, 2)  # (B, H, L, D)
-        v = self.to_v(x).view(B, L, self.n_heads, self.d_head).transpose(1, 2)
-        keys = F.normalize(qk, dim=-1)
-        return qk, keys, v
+
+        def heads(t: Tensor) -> Tensor:
+            return t.view(B, L, self.n_heads, self.d_head).transpose(1, 2)  # (B, H, L, D)
+
+        if self.shared_qk:
+            q = heads(self.to_qk(x))
+            k = F.normalize(q, dim=-1)
+        else:
+            q, k = heads(self.to_q(x)), heads(self.to_k(x))
+        return q, k, heads(self.to_v(x))
+
+    def _hash(self, q: Tensor, k: Tensor) -> Tensor:
+        """Buckets (B, H, R, L) of the shared query/key; with separate Q/K, (B, H, 2R, L): the R rounds'
+        query buckets, then the R rounds' key buckets (one tensor, so the reversible record keeps both)."""
+        if self.shared_qk:
+            return hash_buckets(q, self.rotations)
+        return torch.cat((hash_buckets(q, self.rotations), hash_buckets(k, self.rotations)), dim=2)
 
     def _merge_heads(self, out: Tensor) -> Tensor:
         B, H, L, D = out.shape
@@ -76,16 +104,20 @@ class LSHAttention(nn.Module):
     def forward(
         self, x: Tensor, positions: Tensor, buckets: Tensor | None = None
     ) -> tuple[Tensor, Tensor | None]:
-        """Full-sequence path. positions (B, L); buckets (B, H, R, L) from an earlier pass to reuse."""
-        qk, keys, v = self._project(x)
+        """Full-sequence path. positions (B, L); buckets (from _hash) of an earlier pass to reuse."""
+        q, k, v = self._project(x)
         if buckets is None:
-            buckets = hash_buckets(qk, self.rotations)
-        q = qk * self.d_head**-0.5
-        pos = positions[:, None, None, :].expand_as(buckets)
+            buckets = self._hash(q, k)
+        q = q * self.d_head**-0.5
+        B, H, L, _ = q.shape
+        pos = positions[:, None, None, :].expand(B, H, self.n_hashes, L)
         # One set of entries (G = 1) that every hash round sorts its own way.
-        out, lse = sorted_chunk_attention(
-            q[:, :, None], keys[:, :, None], v[:, :, None], buckets, pos, self.bucket_size, self.self_score
-        )
+        q, k, v = q[:, :, None], k[:, :, None], v[:, :, None]  # (B, H, 1, L, D)
+        if self.shared_qk:
+            out, lse = sorted_chunk_attention(q, k, v, buckets, pos, self.bucket_size, self.self_score)
+        else:
+            q_buckets, k_buckets = buckets.split(self.n_hashes, dim=2)
+            out, lse = key_window_attention(q, k, v, q_buckets, pos, k_buckets, pos, self.bucket_size, 0)
         return self._merge_heads(combine_rounds(out, lse)), buckets
 
     # ---- decoding -------------------------------------------------------------------------------------
@@ -99,22 +131,34 @@ class LSHAttention(nn.Module):
 
     def decode(self, x: Tensor, positions: Tensor, state: LSHLayerState) -> Tensor:
         """New tokens x (B, T, d_model) at positions (B, T), after what `state` holds; updates `state`."""
-        qk, keys, v = self._project(x)
-        buckets = hash_buckets(qk, self.rotations)  # (B, H, R, T)
-        q = qk * self.d_head**-0.5
-        if x.shape[1] == 1:
-            out = self._decode_one(q, keys, v, buckets, positions, state)
+        q, k, v = self._project(x)
+        buckets = self._hash(q, k)  # (B, H, R, T), or (B, H, 2R, T) with separate Q/K
+        if self.shared_qk:
+            q_buckets = k_buckets = buckets
         else:
-            out = self._decode_many(q, keys, v, buckets, positions, state)
+            q_buckets, k_buckets = buckets.split(self.n_hashes, dim=2)
+        q = q * self.d_head**-0.5
+        if x.shape[1] == 1:
+            out = self._decode_one(q, k, v, q_buckets, k_buckets, positions, state)
+        else:
+            out = self._decode_many(q, k, v, q_buckets, k_buckets, positions, state)
         return self._merge_heads(out)
 
     def _decode_one(
-        self, q: Tensor, k: Tensor, v: Tensor, buckets: Tensor, positions: Tensor, state: LSHLayerState
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        q_buckets: Tensor,
+        k_buckets: Tensor,
+        positions: Tensor,
+        state: LSHLayerState,
     ) -> Tensor:
-        """One token: read its bucket's window directly, no sort. O(bucket_size) per head and round.
+        """One token: read its query bucket's window directly, no sort. O(bucket_size) per head and round.
 
         The state is viewed as (B * H * R * NB) bucket rows of S slots; each (sequence, head, round) reads
-        and rewrites the one row its token hashed to, by plain row indexing (memcpy-sized, unlike gather).
+        the row its query hashed to and then rewrites the row its key hashed to (the same row with shared
+        QK), by plain row indexing (memcpy-sized, unlike gather).
         """
         B, H, _, D = q.shape
         R, NB, S = self.n_hashes, self.n_buckets, self.bucket_size
@@ -122,17 +166,22 @@ class LSHAttention(nn.Module):
             state.keys, state.values = state.keys.contiguous(), state.values.contiguous()
             state.positions = state.positions.contiguous()
         base = torch.arange(B * H * R, device=q.device) * NB
-        rows = base + buckets.reshape(-1)  # (B*H*R,) one bucket row per sequence, head and round
+        read = base + q_buckets.reshape(-1)  # (B*H*R,) one bucket row per sequence, head and round
+        write = base + k_buckets.reshape(-1)
         keys = state.keys.view(-1, S, D)
         values = state.values.view(-1, S, D)
         slot_pos = state.positions.view(-1, S)
-        window_k = keys[rows].view(B, H, R, S, D)
-        window_v = values[rows].view(B, H, R, S, D)
-        window_pos = slot_pos[rows].view(B, H, R, S)
+        window_k = keys[read].view(B, H, R, S, D)
+        window_v = values[read].view(B, H, R, S, D)
+        window_pos = slot_pos[read].view(B, H, R, S)
 
-        scores = torch.einsum("bhd,bhrsd->bhrs", q[:, :, 0].float(), window_k.float())  # (B, H, R, S)
+        query = q[:, :, 0].float()  # (B, H, D)
+        scores = torch.einsum("bhd,bhrsd->bhrs", query, window_k.float())  # (B, H, R, S)
         scores = scores.masked_fill(window_pos < 0, float("-inf"))
-        own = torch.full_like(scores[..., :1], self.self_score)
+        if self.shared_qk:  # its own key only when there is nothing else
+            own = torch.full_like(scores[..., :1], self.self_score)
+        else:  # its own key, always, at its real score
+            own = torch.einsum("bhd,bhd->bh", query, k[:, :, 0].float())[:, :, None, None].expand(B, H, R, 1)
         scores = torch.cat((scores, own), dim=-1)  # (B, H, R, S + 1)
         lse = torch.logsumexp(scores, dim=-1, keepdim=True)
         probs = torch.exp(scores - lse)
@@ -141,19 +190,30 @@ class LSHAttention(nn.Module):
         out = torch.einsum("bhrs,bhrsd->bhrd", probs, all_v.float())
         combined = combine_rounds(out[:, :, :, None].to(v.dtype), lse)  # (B, H, 1, D)
 
-        # Append to the bucket: drop its oldest slot, the new token becomes slot S-1.
-        k_new = k[:, :, None].expand(-1, -1, R, -1, -1).to(window_k.dtype)
+        # Append to the key's bucket: drop its oldest slot, the new token becomes slot S-1.
+        k_new = k[:, :, None].expand(-1, -1, R, -1, -1).to(keys.dtype)  # (B, H, R, 1, D)
         pos_new = positions[:, None, None, :].expand(B, H, R, 1)
-        keys[rows] = torch.cat((window_k[..., 1:, :], k_new), dim=3).view(-1, S, D)
-        values[rows] = all_v[..., 1:, :].reshape(-1, S, D)
-        slot_pos[rows] = torch.cat((window_pos[..., 1:], pos_new), dim=3).view(-1, S)
+        if not self.shared_qk:  # the key's row is not the window just read
+            window_k = keys[write].view(B, H, R, S, D)
+            window_v = values[write].view(B, H, R, S, D)
+            window_pos = slot_pos[write].view(B, H, R, S)
+        keys[write] = torch.cat((window_k[..., 1:, :], k_new), dim=3).view(-1, S, D)
+        values[write] = torch.cat((window_v[..., 1:, :], v_new), dim=3).view(-1, S, D)
+        slot_pos[write] = torch.cat((window_pos[..., 1:], pos_new), dim=3).view(-1, S)
         return combined
 
     def _decode_many(
-        self, q: Tensor, k: Tensor, v: Tensor, buckets: Tensor, positions: Tensor, state: LSHLayerState
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        q_buckets: Tensor,
+        k_buckets: Tensor,
+        positions: Tensor,
+        state: LSHLayerState,
     ) -> Tensor:
-        """Parallel prefill: the state's entries go in front of the new tokens and the chunked sorted path
-        runs once over all of them; only the new tokens' outputs are kept."""
+        """Parallel prefill: the state's entries go in front of the new tokens and the full-sequence path
+        runs once over all of them; only the new tokens query."""
         B, H, T, _ = q.shape
         R, NB, S = self.n_hashes, self.n_buckets, self.bucket_size
         old_k = state.keys.flatten(3, 4)  # (B, H, R, NB*S, D)
@@ -164,15 +224,22 @@ class LSHAttention(nn.Module):
 
         expand = (-1, -1, R, -1, -1)
         new_pos = positions[:, None, None, :].expand(B, H, R, T)
-        all_q = torch.cat((torch.zeros_like(old_k), q[:, :, None].expand(*expand)), dim=3)
-        all_k = torch.cat((old_k, k[:, :, None].expand(*expand)), dim=3)
-        all_v = torch.cat((old_v, v[:, :, None].expand(*expand)), dim=3)
-        all_b = torch.cat((old_buckets, buckets), dim=3)
+        new_k, new_v = k[:, :, None].expand(*expand), v[:, :, None].expand(*expand)  # (B, H, R, T, D)
+        all_k = torch.cat((old_k, new_k.to(old_k.dtype)), dim=3)
+        all_v = torch.cat((old_v, new_v.to(old_v.dtype)), dim=3)
+        all_b = torch.cat((old_buckets, k_buckets), dim=3)
         all_pos = torch.cat((old_pos, new_pos), dim=3)
-        out, lse = sorted_chunk_attention(all_q, all_k, all_v, all_b, all_pos, S, self.self_score)
-        combined = combine_rounds(out[..., -T:, :], lse[..., -T:])  # (B, H, T, D)
+        if self.shared_qk:
+            all_q = torch.cat((torch.zeros_like(old_k), q[:, :, None].expand(*expand)), dim=3)
+            out, lse = sorted_chunk_attention(all_q, all_k, all_v, all_b, all_pos, S, self.self_score)
+            out, lse = out[..., -T:, :], lse[..., -T:]
+        else:  # only the new tokens are queries; new token i's own key is entry NB*S + i
+            out, lse = key_window_attention(
+                q[:, :, None], all_k, all_v, q_buckets, new_pos, all_b, all_pos, S, NB * S
+            )
+        combined = combine_rounds(out, lse)  # (B, H, T, D)
 
-        self._append(state, k[:, :, None].expand(*expand), v[:, :, None].expand(*expand), new_pos, buckets)
+        self._append(state, new_k, new_v, new_pos, k_buckets)
         return combined
 
     def _append(self, state: LSHLayerState, k: Tensor, v: Tensor, pos: Tensor, buckets: Tensor) -> None:

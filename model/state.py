@@ -48,9 +48,10 @@ class _BatchedTensors:
 
 @dataclass
 class LSHLayerState(_BatchedTensors):
-    # Per head, hash round and bucket, the last `bucket_size` keys of that bucket, oldest first and
-    # right-aligned: slot S-1 is the newest; empty slots have position -1.
-    keys: Tensor  # (B, H, R, NB, S, D), unit-length shared query/key vectors
+    # Per head, hash round and key bucket, the last `bucket_size` keys that hashed to that bucket (all a
+    # future query of that bucket can see), oldest first and right-aligned: slot S-1 is the newest; empty
+    # slots have position -1.
+    keys: Tensor  # (B, H, R, NB, S, D); with shared QK, unit-length shared query/key vectors
     values: Tensor  # (B, H, R, NB, S, D)
     positions: Tensor  # (B, H, R, NB, S) int64
 

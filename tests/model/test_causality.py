@@ -1,5 +1,6 @@
 """Property 1: with LSH layers and several hash rounds, logits at t never depend on tokens after t."""
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -11,16 +12,19 @@ CONFIG = ReformerConfig.tiny(
 )
 
 
-def _model(seed: int) -> ReformerLM:
+def _model(seed: int, shared_qk: bool) -> ReformerLM:
     torch.manual_seed(seed)
-    return ReformerLM(CONFIG).eval()
+    return ReformerLM(CONFIG.replace(shared_qk=shared_qk)).eval()
 
 
+@pytest.mark.parametrize("shared_qk", [True, False])
 @settings(max_examples=25, deadline=None)
 @given(length=st.integers(2, 90), cut=st.data(), seed=st.integers(0, 2**16))
-def test_changing_a_suffix_leaves_the_prefix_unchanged(length: int, cut: st.DataObject, seed: int) -> None:
+def test_changing_a_suffix_leaves_the_prefix_unchanged(
+    shared_qk: bool, length: int, cut: st.DataObject, seed: int
+) -> None:
     t = cut.draw(st.integers(1, length - 1))
-    model = _model(seed % 4)
+    model = _model(seed % 4, shared_qk)
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, CONFIG.vocab_size, (2, length), generator=generator)
     changed = ids.clone()

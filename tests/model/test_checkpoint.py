@@ -175,6 +175,26 @@ def test_a_bad_config_is_named_with_what_is_wrong(
     assert str(path) in str(info.value)
 
 
+@torch.no_grad()
+def test_a_config_written_before_shared_qk_existed_loads_as_shared_qk(
+    tmp_path: Path, chat_tokenizer: ChatTokenizer
+) -> None:
+    """Checkpoints saved before the field (the shipped one among them) were shared-QK models."""
+    model = _tiny_model(chat_tokenizer.vocab_size, shared_qk=True)
+    path = save_checkpoint(tmp_path / "old", model, chat_tokenizer)
+    _edit_config(path, {}, remove=("shared_qk",))
+    loaded, _ = load_checkpoint(path, device="cpu")
+    assert loaded.config.shared_qk is True
+    torch.testing.assert_close(loaded(_ids(model.config.vocab_size)), model(_ids(model.config.vocab_size)))
+
+
+def test_the_shipped_checkpoint_loads_as_its_config_says() -> None:
+    shipped = Path(__file__).resolve().parents[2] / "checkpoints" / "reformer-chat-small"
+    written = json.loads((shipped / CONFIG_FILE).read_text())
+    model, _ = load_checkpoint(shipped, device="cpu")
+    assert model.config.shared_qk is written.get("shared_qk", True)
+
+
 def test_config_that_is_not_json_is_named(saved: tuple[Path, ReformerLM]) -> None:
     path, _ = saved
     (path / CONFIG_FILE).write_text('{"vocab_size": 1000,')

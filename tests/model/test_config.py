@@ -26,12 +26,21 @@ def test_round_trips_through_dict() -> None:
         ({"d_head": 15}, "use 16"),
         ({"bucket_size": 0}, "positive integer"),
         ({"self_attn_score": 0.0}, "use -1e5"),
+        ({"shared_qk": 1}, "true or false"),
     ],
 )
 def test_invalid_combinations_say_the_fix(changes: dict, hint: str) -> None:
     with pytest.raises(ValueError) as info:
         dataclasses.replace(ReformerConfig.tiny(), **changes)
     assert hint in str(info.value)
+
+
+def test_new_models_use_separate_qk_and_old_configs_mean_shared_qk() -> None:
+    assert not any(ReformerConfig.from_name(name).shared_qk for name in ("tiny", "small", "base"))
+    old = ReformerConfig.small().to_dict()
+    del old["shared_qk"]  # as config.json files written before the field existed
+    assert ReformerConfig.from_dict(old) == ReformerConfig.small(shared_qk=True)
+    assert ReformerConfig.from_dict(ReformerConfig.small().to_dict()).shared_qk is False
 
 
 def test_unknown_fields_are_refused() -> None:

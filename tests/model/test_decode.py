@@ -12,9 +12,9 @@ from model import DecodeState, ReformerConfig, ReformerLM
 LAYOUTS = [("local", "lsh"), ("lsh", "lsh"), ("local", "lsh", "full")]
 
 
-def _model(layout: tuple[str, ...], seed: int = 0) -> ReformerLM:
+def _model(layout: tuple[str, ...], shared_qk: bool, seed: int = 0) -> ReformerLM:
     torch.manual_seed(seed)
-    config = ReformerConfig.tiny(vocab_size=97, n_layers=len(layout), attn_layers=layout)
+    config = ReformerConfig.tiny(vocab_size=97, n_layers=len(layout), attn_layers=layout, shared_qk=shared_qk)
     return ReformerLM(config).eval()
 
 
@@ -34,6 +34,7 @@ def _split(length: int, cuts: list[int]) -> list[int]:
     return [b - a for a, b in itertools.pairwise(bounds)]
 
 
+@pytest.mark.parametrize("shared_qk", [True, False])
 @settings(max_examples=30, deadline=None)
 @given(
     layout=st.sampled_from(LAYOUTS),
@@ -43,9 +44,9 @@ def _split(length: int, cuts: list[int]) -> list[int]:
     seed=st.integers(0, 3),
 )
 def test_decode_in_any_split_equals_forward(
-    layout: tuple[str, ...], batch: int, length: int, cuts: list[int], seed: int
+    shared_qk: bool, layout: tuple[str, ...], batch: int, length: int, cuts: list[int], seed: int
 ) -> None:
-    model = _model(layout, seed)
+    model = _model(layout, shared_qk, seed)
     ids = torch.randint(0, 97, (batch, length), generator=torch.Generator().manual_seed(seed + length))
     with torch.no_grad():
         expected = model(ids)
@@ -53,8 +54,9 @@ def test_decode_in_any_split_equals_forward(
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
 
 
-def test_single_tokens_and_one_prefill_both_match_forward_past_capacity() -> None:
-    model = _model(("local", "lsh"))
+@pytest.mark.parametrize("shared_qk", [True, False])
+def test_single_tokens_and_one_prefill_both_match_forward_past_capacity(shared_qk: bool) -> None:
+    model = _model(("local", "lsh"), shared_qk)
     capacity = model.config.lsh_capacity
     ids = torch.randint(0, 97, (2, 3 * capacity + 5))  # not a multiple of bucket_size, several times capacity
     with torch.no_grad():
@@ -65,8 +67,9 @@ def test_single_tokens_and_one_prefill_both_match_forward_past_capacity() -> Non
     torch.testing.assert_close(prefill_then_steps, expected, rtol=0, atol=1e-4)
 
 
-def test_batch_rows_do_not_mix_forward_and_decode() -> None:
-    model = _model(("local", "lsh", "full"))
+@pytest.mark.parametrize("shared_qk", [True, False])
+def test_batch_rows_do_not_mix_forward_and_decode(shared_qk: bool) -> None:
+    model = _model(("local", "lsh", "full"), shared_qk)
     ids = torch.randint(0, 97, (3, 45))
     with torch.no_grad():
         batched = model(ids)
@@ -78,9 +81,10 @@ def test_batch_rows_do_not_mix_forward_and_decode() -> None:
             torch.testing.assert_close(batched_decode[row : row + 1], alone, rtol=0, atol=1e-4)
 
 
-def test_stacked_states_of_different_lengths_decode_like_separate_sessions() -> None:
+@pytest.mark.parametrize("shared_qk", [True, False])
+def test_stacked_states_of_different_lengths_decode_like_separate_sessions(shared_qk: bool) -> None:
     """Continuous batching stacks sessions with different histories; each row must stay its own."""
-    model = _model(("local", "lsh"))
+    model = _model(("local", "lsh"), shared_qk)
     histories = [torch.randint(0, 97, (1, n)) for n in (5, 33, 71)]
     next_tokens = torch.randint(0, 97, (3, 1))
     with torch.no_grad():
@@ -102,7 +106,7 @@ def test_stacked_states_of_different_lengths_decode_like_separate_sessions() -> 
 
 def test_a_state_from_another_layer_layout_is_refused_by_name() -> None:
     """decode() pairs each layer with its own kind of state; a state built by another layout is an error."""
-    model = _model(("local", "lsh"))
-    other = _model(("lsh", "local"))
+    model = _model(("local", "lsh"), shared_qk=False)
+    other = _model(("lsh", "local"), shared_qk=False)
     with torch.no_grad(), pytest.raises(TypeError, match="another layer layout"):
         model.decode(torch.tensor([[1, 2]]), other.init_state(1))

@@ -2,6 +2,7 @@
 
 from collections import Counter
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -28,19 +29,23 @@ def _ops_for_prefill(model: ReformerLM, n_new: int) -> Counter[str]:
     return counter.ops
 
 
-def test_prefill_op_count_does_not_grow_with_the_number_of_new_tokens() -> None:
+@pytest.mark.parametrize("shared_qk", [True, False])
+def test_prefill_op_count_does_not_grow_with_the_number_of_new_tokens(shared_qk: bool) -> None:
     torch.manual_seed(0)
     # ff_chunk_size larger than any prefill here, so the only possible per-token work would be a loop.
-    model = ReformerLM(ReformerConfig.tiny(vocab_size=64, ff_chunk_size=4096)).eval()
+    config = ReformerConfig.tiny(vocab_size=64, ff_chunk_size=4096, shared_qk=shared_qk)
+    model = ReformerLM(config).eval()
     short, long = _ops_for_prefill(model, 40), _ops_for_prefill(model, 400)
     assert short == long
     assert short["aten.sort"] >= 1  # the sorted LSH path ran
 
 
-def test_prefill_runs_the_same_kernels_as_forward() -> None:
-    """Prefill = forward's chunked path plus gathering the state: same matmul count per layer."""
+@pytest.mark.parametrize("shared_qk", [True, False])
+def test_prefill_runs_the_same_kernels_as_forward(shared_qk: bool) -> None:
+    """Prefill = forward's full-sequence path plus gathering the state: same matmul count per layer."""
     torch.manual_seed(0)
-    model = ReformerLM(ReformerConfig.tiny(vocab_size=64, ff_chunk_size=4096)).eval()
+    config = ReformerConfig.tiny(vocab_size=64, ff_chunk_size=4096, shared_qk=shared_qk)
+    model = ReformerLM(config).eval()
     counter = _OpCounter()
     with torch.no_grad(), counter:
         model(torch.randint(0, 64, (1, 400)))

@@ -11,9 +11,9 @@ CONFIG = ReformerConfig.tiny(
 
 
 def _train_step(
-    reversible: bool, weights: dict, seed: int
+    config: ReformerConfig, reversible: bool, weights: dict, seed: int
 ) -> tuple[float, dict[str, torch.Tensor], torch.Tensor]:
-    model = ReformerLM(CONFIG.replace(reversible=reversible))
+    model = ReformerLM(config.replace(reversible=reversible))
     model.load_state_dict(weights)
     model.train()
     ids = torch.randint(0, 64, (2, 75), generator=torch.Generator().manual_seed(seed))
@@ -25,12 +25,14 @@ def _train_step(
     return loss.item(), grads, torch.get_rng_state()
 
 
+@pytest.mark.parametrize("shared_qk", [True, False])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_reversible_step_equals_standard_step_with_dropout(seed: int) -> None:
+def test_reversible_step_equals_standard_step_with_dropout(seed: int, shared_qk: bool) -> None:
+    config = CONFIG.replace(shared_qk=shared_qk)
     torch.manual_seed(100 + seed)
-    weights = ReformerLM(CONFIG).state_dict()
-    loss_std, grads_std, rng_std = _train_step(False, weights, seed)
-    loss_rev, grads_rev, rng_rev = _train_step(True, weights, seed)
+    weights = ReformerLM(config).state_dict()
+    loss_std, grads_std, rng_std = _train_step(config, False, weights, seed)
+    loss_rev, grads_rev, rng_rev = _train_step(config, True, weights, seed)
     assert loss_rev == pytest.approx(loss_std, rel=1e-6)
     for name, grad in grads_std.items():
         torch.testing.assert_close(grads_rev[name], grad, rtol=1e-4, atol=1e-7, msg=name)
@@ -67,14 +69,17 @@ def test_one_state_dict_loads_both_ways() -> None:
     torch.testing.assert_close(reversible(ids), standard(ids), rtol=0, atol=0)
 
 
-def test_reversible_recomputes_in_the_forward_pass_precision() -> None:
+@pytest.mark.parametrize("shared_qk", [True, False])
+def test_reversible_recomputes_in_the_forward_pass_precision(shared_qk: bool) -> None:
     """Under bf16 autocast the backward recomputation must run in bf16 too, or gradients drift (~1%).
 
     LSH and local layers, default feed-forward chunks: CPU bf16 matmul kernels differ with and without
     grad for some shapes (SDPA, 16-row chunks), which leaves ~1e-3 of bf16 rounding whatever we do; here
     the modes agree to ~1e-4, against ~1e-2 when the recomputation ran in fp32.
     """
-    config = CONFIG.replace(attn_layers=("local", "lsh", "local", "lsh"), ff_chunk_size=1024)
+    config = CONFIG.replace(
+        attn_layers=("local", "lsh", "local", "lsh"), ff_chunk_size=1024, shared_qk=shared_qk
+    )
     torch.manual_seed(7)
     weights = ReformerLM(config).state_dict()
     ids = torch.randint(0, 64, (2, 60))

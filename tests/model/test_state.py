@@ -1,5 +1,6 @@
 """Property 3: the decode state stops growing at capacity, and a decode step costs the same at any history."""
 
+import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -22,8 +23,9 @@ def _feed(model: ReformerLM, state: DecodeState, n_tokens: int, chunk: int = 65_
         fed += size
 
 
-def test_state_bytes_after_a_million_tokens_equal_bytes_at_capacity() -> None:
-    model = _model()
+@pytest.mark.parametrize("shared_qk", [True, False])
+def test_state_bytes_after_a_million_tokens_equal_bytes_at_capacity(shared_qk: bool) -> None:
+    model = _model(CONFIG.replace(shared_qk=shared_qk))
     capacity = CONFIG.bucket_size * CONFIG.n_buckets  # per LSH head and round; local layers hold bucket_size
     with torch.no_grad():
         state = model.init_state(1)
@@ -61,8 +63,9 @@ def _step_cost(model: ReformerLM, history: int) -> tuple[int, list[tuple[int, ..
     return counter.get_total_flops(), [tuple(t.shape) for t in state.layers[1].keys.unsqueeze(0)]
 
 
-def test_one_decode_step_costs_the_same_at_any_history_length() -> None:
-    model = _model()
+@pytest.mark.parametrize("shared_qk", [True, False])
+def test_one_decode_step_costs_the_same_at_any_history_length(shared_qk: bool) -> None:
+    model = _model(CONFIG.replace(shared_qk=shared_qk))
     short_flops, short_shapes = _step_cost(model, 10)
     long_flops, long_shapes = _step_cost(model, 100_000)
     assert short_flops > 0

@@ -17,9 +17,9 @@ CONFIG = ReformerConfig.tiny(vocab_size=50)
 HISTORIES = (5, 17, 40, 70)  # below and past the local window, so every row's state differs
 
 
-def _model() -> ReformerLM:
+def _model(shared_qk: bool = False) -> ReformerLM:
     torch.manual_seed(0)
-    return ReformerLM(CONFIG).eval()
+    return ReformerLM(CONFIG.replace(shared_qk=shared_qk)).eval()
 
 
 def _fed(model: ReformerLM, n_tokens: int) -> DecodeState:
@@ -36,9 +36,10 @@ def _assert_same(a: DecodeState, b: DecodeState) -> None:
             torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("shared_qk", [True, False])
 @torch.inference_mode()
-def test_copy_rows_moves_each_row_whole_and_leaves_the_others() -> None:
-    model = _model()
+def test_copy_rows_moves_each_row_whole_and_leaves_the_others(shared_qk: bool) -> None:
+    model = _model(shared_qk)
     singles = [_fed(model, n) for n in HISTORIES]
     pool = model.init_state(len(HISTORIES) + 1)
     for row, single in enumerate(singles):
@@ -52,9 +53,10 @@ def test_copy_rows_moves_each_row_whole_and_leaves_the_others() -> None:
     _assert_same(pool.rows(slice(0, 1)), singles[3])
 
 
+@pytest.mark.parametrize("shared_qk", [True, False])
 @torch.inference_mode()
-def test_a_one_token_decode_of_a_row_view_updates_the_parent_state_in_place() -> None:
-    model = _model()
+def test_a_one_token_decode_of_a_row_view_updates_the_parent_state_in_place(shared_qk: bool) -> None:
+    model = _model(shared_qk)
     singles = [_fed(model, n) for n in HISTORIES]
     pool = model.init_state(len(HISTORIES))
     for row, single in enumerate(singles):
