@@ -1,6 +1,7 @@
 """What scripts/container_check.sh asks of the running stack, done as a user's client would do it.
 
     python scripts/container_probe.py wait-ready URL [--timeout S]
+    python scripts/container_probe.py wait-redis-down URL      /admin/ready is 503 and names Redis
     python scripts/container_probe.py converse URL STATE      REST turn, websocket turn, OpenAI SDK, metrics
     python scripts/container_probe.py resume URL STATE        every acknowledged turn stored; one more turn
 
@@ -62,6 +63,23 @@ def wait_ready(url: str, timeout: float) -> None:
             print(f"  ..  not ready yet: {reason}", flush=True)
         time.sleep(0.5)
     raise CheckFailed(f"/admin/ready not 200 within {timeout:.0f} s")
+
+
+def wait_redis_down(url: str, timeout: float) -> None:
+    """Poll until the server answers (it may be starting) and /admin/ready is 503 naming Redis."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        try:
+            response = httpx.get(f"{url}/admin/ready", timeout=5)
+        except httpx.TransportError:
+            time.sleep(0.5)
+            continue
+        message = response.json().get("error", {}).get("message", "")
+        if response.status_code == 503 and message.startswith("redis:"):
+            check(True, f"/admin/ready is 503 and names Redis: {message}")
+            return
+        time.sleep(0.5)
+    raise CheckFailed(f"/admin/ready did not report Redis down within {timeout:.0f} s")
 
 
 def rest_turn(http: httpx.Client, session_id: str, content: str) -> tuple[str, str]:
@@ -144,9 +162,10 @@ def resume(url: str, state_file: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    ready = commands.add_parser("wait-ready")
-    ready.add_argument("url")
-    ready.add_argument("--timeout", type=float, default=180)
+    for name in ("wait-ready", "wait-redis-down"):
+        wait = commands.add_parser(name)
+        wait.add_argument("url")
+        wait.add_argument("--timeout", type=float, default=180)
     for name in ("converse", "resume"):
         command = commands.add_parser(name)
         command.add_argument("url")
@@ -155,6 +174,8 @@ def main() -> None:
     try:
         if args.command == "wait-ready":
             wait_ready(args.url, args.timeout)
+        elif args.command == "wait-redis-down":
+            wait_redis_down(args.url, args.timeout)
         elif args.command == "converse":
             converse(args.url, args.state)
         else:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.app.support import new_prefix, quiet_params
 from tests.reliability.processes import AppProcess, RedisServer, app_env
+from tests.support import new_prefix, quiet_params
 
 
 def wait_for_log(app: AppProcess, text: str) -> str:
