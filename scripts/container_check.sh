@@ -125,7 +125,7 @@ if [[ ${#missing[@]} -gt 0 ]]; then
     run env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 if ! { [[ -x $PY ]] && $PY -c "import httpx, openai, websockets" 2>/dev/null; }; then
-    run bash scripts/setup.sh dev
+    run bash scripts/setup.sh dev > "$WORK/setup.log" 2>&1 || { tail -n 30 "$WORK/setup.log"; fail "setup.sh"; }
 fi
 if ! .venv/bin/podman-compose --version 2>/dev/null | grep -Eq 'podman-compose version 1\.([6-9]|[1-9][0-9])'; then
     run $PY -m pip install --quiet --disable-pip-version-check "$PODMAN_COMPOSE"
@@ -157,30 +157,39 @@ export CONTAINERS_CONF=$CACHE/containers.conf
 say "CONTAINERS_CONF=$CONTAINERS_CONF: runtime runc, ulimits nofile=$nofile nproc=$nproc"
 
 # --- base images --------------------------------------------------------------------------------------
-# A minimal Debian root filesystem with the given packages, as a tarball kept in the cache.
-debian_rootfs() {  # $1: name, $2: comma-separated packages; prints the tarball path
-    local tarball=$CACHE/$1-bookworm.tar.gz root=$WORK/$1-rootfs
+# One minimal Debian root filesystem serves both stand-ins (one debootstrap, one layer on disk): Python
+# 3.11 with pip and venv, and redis-server. Kept as a tarball in the cache.
+STANDIN_PACKAGES=python3,python3-pip,python3-venv,python-is-python3,redis-server
+debian_rootfs() {  # prints the tarball's path
+    local tarball=$CACHE/standin-bookworm.tar.gz root=$WORK/rootfs
     if [[ ! -f $tarball ]]; then
         mkdir -p "$CACHE/debs"
-        say "debootstrap bookworm ($2) from $DEBIAN_MIRROR" >&2
-        debootstrap --variant=minbase --cache-dir="$CACHE/debs" --include="$2" bookworm "$root" \
-            "$DEBIAN_MIRROR" > "$WORK/debootstrap-$1.log" 2>&1 \
-            || { tail -n 20 "$WORK/debootstrap-$1.log" >&2; return 1; }
+        say "debootstrap bookworm ($STANDIN_PACKAGES) from $DEBIAN_MIRROR" >&2
+        debootstrap --variant=minbase --cache-dir="$CACHE/debs" --include="$STANDIN_PACKAGES" bookworm \
+            "$root" "$DEBIAN_MIRROR" > "$WORK/debootstrap.log" 2>&1 \
+            || { tail -n 20 "$WORK/debootstrap.log" >&2; return 1; }
         # What a slim image leaves out too: package lists and archives, documentation, translations.
         rm -rf "$root"/var/cache/apt/* "$root"/var/lib/apt/lists/* "$root"/usr/share/doc/* \
             "$root"/usr/share/man/* "$root"/usr/share/locale/*
-        if [[ $1 == python ]]; then
-            # The official image's pip installs into the system Python; Debian's refuses (PEP 668).
-            rm -f "$root"/usr/lib/python3.*/EXTERNALLY-MANAGED
-        else
-            mkdir -p "$root/data" && chroot "$root" chown redis:redis /data
-            # The official image builds Redis with protected mode off (the compose network is the
-            # boundary, and no port is published); Debian's refuses other containers without it.
-            printf '%s\n' '#!/bin/sh' \
-                'if [ "$1" = redis-server ]; then shift; exec redis-server --protected-mode no "$@"; fi' \
-                'exec "$@"' > "$root/usr/local/bin/docker-entrypoint.sh"
-            chmod 755 "$root/usr/local/bin/docker-entrypoint.sh"
-        fi
+        # The official Python image's pip installs into the system Python; Debian's refuses (PEP 668).
+        rm -f "$root"/usr/lib/python3.*/EXTERNALLY-MANAGED
+        # The official Redis image's entrypoint: the data directory becomes redis's, the server drops to
+        # that user, and protected mode is off (that image builds Redis so: the compose network is the
+        # boundary, no port is published); Debian's redis-server would refuse the app's connections.
+        cat > "$root/usr/local/bin/docker-entrypoint.sh" <<'ENTRYPOINT'
+#!/bin/sh
+set -e
+if [ "$1" = redis-server ]; then
+    shift
+    if [ "$(id -u)" = 0 ]; then
+        find . \! -user redis -exec chown redis '{}' +
+        exec setpriv --reuid=redis --regid=redis --init-groups redis-server --protected-mode no "$@"
+    fi
+    exec redis-server --protected-mode no "$@"
+fi
+exec "$@"
+ENTRYPOINT
+        chmod 755 "$root/usr/local/bin/docker-entrypoint.sh"
         tar -C "$root" --numeric-owner -czf "$tarball.$$" . && mv "$tarball.$$" "$tarball"
         rm -rf "$root"
     fi
@@ -190,25 +199,24 @@ debian_rootfs() {  # $1: name, $2: comma-separated packages; prints the tarball 
 # What each stand-in is; also its version: an image whose label differs was made by an older script.
 standin_label() {
     case $1 in
-        *python*) echo "Debian bookworm's Python 3.11 with pip and venv (debootstrap, v1)" ;;
-        *redis*) echo "Debian bookworm's redis-server, protected mode off (debootstrap, v1)" ;;
+        *python*) echo "Debian bookworm's Python 3.11 with pip and venv (debootstrap, v2)" ;;
+        *redis*) echo "Debian bookworm's redis-server, protected mode off (debootstrap, v2)" ;;
     esac
 }
 
 standin() {  # $1: image reference; builds its stand-in
     local tarball label
+    tarball=$(debian_rootfs)
     label="LABEL $STANDIN_LABEL=\"$(standin_label "$1")\""
     case $1 in
         *python*)
-            tarball=$(debian_rootfs python python3,python3-pip,python3-venv,python-is-python3)
             podman import --quiet --change 'CMD ["python3"]' --change 'ENV LANG=C.UTF-8' --change "$label" \
                 "$tarball" "$1" >/dev/null
             ;;
         *redis*)
-            tarball=$(debian_rootfs redis redis-server)
             podman import --quiet --change 'ENTRYPOINT ["docker-entrypoint.sh"]' --change 'CMD ["redis-server"]' \
-                --change 'WORKDIR /data' --change 'USER redis' --change 'VOLUME /data' --change 'EXPOSE 6379' \
-                --change "$label" "$tarball" "$1" >/dev/null
+                --change 'WORKDIR /data' --change 'VOLUME /data' --change 'EXPOSE 6379' --change "$label" \
+                "$tarball" "$1" >/dev/null
             ;;
     esac
 }
@@ -372,9 +380,14 @@ run podman run -d --name "$LATE" --network "${PROJECT}_default" --env-file .env 
 run $PY scripts/container_probe.py wait-redis-down "http://127.0.0.1:$LATE_PORT"
 quiet_start "$REDIS"
 run $PY scripts/container_probe.py wait-ready "http://127.0.0.1:$LATE_PORT"
-waited=$(podman logs --since "$since" "$LATE" 2>&1 | grep -E 'Redis at .* (is not answering yet|answers now)' || true)
+# Readiness pings for itself; the app's own retry, once a second, logs the moment it finds Redis.
+for _ in $(seq 20); do
+    waited=$(podman logs --since "$since" "$LATE" 2>&1 | grep -E 'Redis at .* (is not answering yet|answers now)' || true)
+    [[ $waited == *"answers now"* ]] && break
+    sleep 0.5
+done
 printf '%s\n' "$waited" | cut -c1-160 | sed 's/^/  app log: /'
-[[ $waited == *"answers now"* ]] || fail "the app did not log that it waited for Redis"
+[[ $waited == *"answers now"* ]] || fail "the app did not log that it found Redis"
 run $PY scripts/container_probe.py resume "http://127.0.0.1:$LATE_PORT" "$WORK/state.json"
 run podman rm -f "$LATE" >/dev/null 2> >(grep -v 'systemd connection' >&2)
 LATE=""
