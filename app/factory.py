@@ -10,12 +10,14 @@ entry point that serves it is app/cli.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import torch
 from fastapi import FastAPI
@@ -46,6 +48,9 @@ from app.store.sessions import SessionStore
 from model import ChatTokenizer, ReformerLM, load_checkpoint
 
 logger = logging.getLogger(__name__)
+
+# How often a Redis that does not answer at start-up is asked again.
+_REDIS_RETRY_SECONDS = 1.0
 
 # The browser chat page: plain files shipped inside the package (package-data), no build step.
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -141,12 +146,10 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         )
         _warn_about_open_access(settings)
         redact_secrets_in_server_logs()  # the websocket's ?api_key= would otherwise reach the log
-        try:
-            await store.ping()
-        except StoreUnavailable:
-            logger.warning(
-                "Redis at %s is not answering yet; /admin/ready reports 503 until it does", target.url
-            )
+        # Start-up in any order: a Redis that is not up yet (compose does not wait for health, nor does
+        # Kubernetes) is waited for in the background while the server answers, not-ready meanwhile.
+        waiting = asyncio.create_task(_wait_for_redis(store, _without_password(target.url)))
+        stack.push_async_callback(_cancel, waiting)
         logger.info(
             "serving %s (%d parameters) on %s; Redis %s",
             checkpoint,
@@ -155,6 +158,47 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             "embedded" if settings.redis_url is None else "Cluster" if target.cluster else "at REDIS_URL",
         )
         yield
+
+
+async def _wait_for_redis(store: SessionStore, where: str) -> None:
+    """PING Redis until it answers, logging when it does not and once it does.
+
+    Readiness pings on every probe and redis-py reconnects on every command, so the service recovers
+    without this; the task puts both moments in the log, where an operator looks for them.
+    """
+    failures = 0
+    while True:
+        try:
+            await store.ping()
+        except StoreUnavailable as exc:
+            if failures == 0:
+                logger.warning(
+                    "Redis at %s is not answering yet (%s); /admin/ready reports 503 until it does; "
+                    "retrying every %.0f s",
+                    where,
+                    exc.__cause__ or exc.message,
+                    _REDIS_RETRY_SECONDS,
+                )
+            failures += 1
+            await asyncio.sleep(_REDIS_RETRY_SECONDS)
+        else:
+            if failures:
+                logger.info("Redis at %s answers now, after %d failed attempts", where, failures)
+            return
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def _without_password(url: str) -> str:
+    """The URL for a log line: a password in it (redis://:secret@host) is replaced by ***."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)).geturl()
 
 
 def _warn_about_open_access(settings: Settings) -> None:

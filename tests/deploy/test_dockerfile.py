@@ -1,9 +1,10 @@
-"""The Dockerfile and .dockerignore, checked statically (no Docker engine runs on our machines).
+"""The Dockerfile and .dockerignore, checked statically (scripts/container_check.sh builds and runs them).
 
 Each check is something that would otherwise surface only on a build server or in production: a base
 image or torch build other than the documented one, a dependency layer invalidated by every source edit,
-the checkpoint copied where the app does not look, a root process, a health probe on a missing route,
-or a build context that leaks `.env` or drops a file the build copies.
+the checkpoint copied where the app does not look, a build-time mount left in the runtime image, a root
+process, a health probe on a missing route, or a build context that leaks `.env` or drops a file the
+build copies.
 """
 
 from __future__ import annotations
@@ -55,21 +56,45 @@ def of(instructions: list[Instruction], keyword: str) -> list[tuple[int, str]]:
 
 
 def copies(instructions: list[Instruction]) -> list[tuple[int, list[str], str]]:
-    """(position, sources, destination) of every COPY."""
+    """(position, sources, destination) of every COPY from the build context (not --from a stage)."""
     result = []
     for i, args in of(instructions, "COPY"):
-        *sources, destination = shlex.split(args)
+        words = shlex.split(args)
+        if any(word.startswith("--from=") for word in words):
+            continue
+        *sources, destination = [word for word in words if not word.startswith("--")]
         result.append((i, sources, destination))
     return result
+
+
+def final_stage(instructions: list[Instruction]) -> list[Instruction]:
+    """The instructions of the last stage: what the image is made of."""
+    return instructions[of(instructions, "FROM")[-1][0] :]
 
 
 def workdir(instructions: list[Instruction]) -> PurePosixPath:
     return PurePosixPath(of(instructions, "WORKDIR")[-1][1])
 
 
-def test_the_base_is_slim_python_311(dockerfile: list[Instruction]) -> None:
+def test_both_stages_are_slim_python_311(dockerfile: list[Instruction]) -> None:
+    """The same base twice: the runtime stage runs the environment the build stage made, so their
+    Pythons (and the user the build stage created) must be the same."""
     assert dockerfile[0].keyword == "FROM"
-    assert re.fullmatch(r"python:3\.11(\.\d+)?-slim(-\w+)?(@sha256:[0-9a-f]+)?", dockerfile[0].args)
+    bases = [args.split()[0] for _, args in of(dockerfile, "FROM")]
+    assert len(bases) == 2 and bases[0] == bases[1]
+    assert re.fullmatch(r"python:3\.11(\.\d+)?-slim(-\w+)?(@sha256:[0-9a-f]+)?", bases[0])
+
+
+def test_the_runtime_stage_runs_nothing_and_copies_the_environment(dockerfile: list[Instruction]) -> None:
+    """`podman build -v` mounts the host's pip configuration into every RUN, and each leaves its mount
+    points in its layer: the runtime stage has no RUN, only COPYs of what the build stage made."""
+    final = final_stage(dockerfile)
+    assert not of(final, "RUN")
+    from_build = [shlex.split(args) for _, args in of(final, "COPY") if "--from=build" in args]
+    copied = {path for words in from_build for path in words if path.startswith("/")}
+    assert {"/opt/venv", "/etc/passwd", "/data"} <= copied
+    stage_name = of(dockerfile, "FROM")[0][1].split()[-1]
+    assert stage_name == "build"
 
 
 def test_torch_is_the_pinned_cpu_build_unless_a_cuda_variant_is_asked_for(
@@ -80,10 +105,15 @@ def test_torch_is_the_pinned_cpu_build_unless_a_cuda_variant_is_asked_for(
     # The same torch as scripts/setup.sh installs for the tests, so the image runs what CI tested.
     setup_pin = re.search(r"torch==([\d.]+)", (REPO / "scripts" / "setup.sh").read_text()).group(1)
     assert args["TORCH_VERSION"] == setup_pin
+    # PyTorch's index for the variant, unless the build host's pip configuration is to decide (an
+    # empty TORCH_INDEX_URL: a mirror or find-links, where download.pytorch.org is out of reach).
+    assert args["TORCH_INDEX_URL"] == '"https://download.pytorch.org/whl/${TORCH_VARIANT}"'
     torch_runs = [arg for _, arg in of(dockerfile, "RUN") if "torch==" in arg]
     assert len(torch_runs) == 1
-    assert '--index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}"' in torch_runs[0]
-    assert '"torch==${TORCH_VERSION}"' in torch_runs[0]
+    assert (
+        'pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==${TORCH_VERSION}"'
+        in (torch_runs[0])
+    )
 
 
 def test_dependencies_are_installed_before_the_source_is_copied(dockerfile: list[Instruction]) -> None:
@@ -103,12 +133,15 @@ def test_the_checkpoint_lands_where_the_app_looks_for_it(dockerfile: list[Instru
     checkpoints/ must sit beside the copied app/ exactly as in the repository."""
     root = workdir(dockerfile)
     shipped = str(SHIPPED_MODEL_DIR.relative_to(REPO))
-    destination = {tuple(sources): root / dest for _, sources, dest in copies(dockerfile)}
+    final = final_stage(dockerfile)
+    destination = {tuple(sources): root / dest for _, sources, dest in copies(final)}
     assert destination[(shipped,)] == root / shipped
     assert destination[("app",)] == root / "app"
-    assert any("pip install --no-deps --editable ." in arg for _, arg in of(dockerfile, "RUN")), (
-        "installed editable, so the imported app package is the one beside checkpoints/"
-    )
+    assert destination[("model",)] == root / "model"
+    # Installed editable in the build stage, from the same directory: its import hook points there, so
+    # the imported app package is the one the runtime stage puts beside checkpoints/.
+    editable = next(i for i, arg in of(dockerfile, "RUN") if "pip install --no-deps --editable ." in arg)
+    assert workdir(dockerfile[:editable]) == root
 
 
 def test_the_server_runs_as_an_unprivileged_user(dockerfile: list[Instruction]) -> None:
