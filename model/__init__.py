@@ -3,7 +3,8 @@
 Public face, what the service builds on: ReformerConfig, ReformerLM, DecodeState; checkpoints
 (load_checkpoint -> (model, tokenizer), save_checkpoint, CheckpointError); the tokenizer (ChatTokenizer,
 StreamDecoder); and generation in steps (SamplingParams, FinishReason, StopStringMatcher, sample,
-sample_rows, prefill, decode_step, generate, DEFAULT_PREFILL_CHUNK). Training is model.train, which nothing
+sample_rows, prefill, decode_step, generate, DEFAULT_PREFILL_CHUNK); decode-state snapshots
+(checkpoint_identity, state_to_bytes, state_from_bytes, SnapshotError). Training is model.train, which nothing
 here imports. The design and the properties the tests check: docs/DESIGN.md.
 """
 
@@ -21,6 +22,7 @@ from .generate import (
     sample_rows,
 )
 from .reformer import ReformerLM
+from .snapshot import SnapshotError, checkpoint_identity, state_from_bytes, state_to_bytes
 from .state import DecodeState
 from .tokenizer import ChatTokenizer, StreamDecoder
 
@@ -33,8 +35,10 @@ __all__ = [
     "ReformerConfig",
     "ReformerLM",
     "SamplingParams",
+    "SnapshotError",
     "StopStringMatcher",
     "StreamDecoder",
+    "checkpoint_identity",
     "decode_step",
     "generate",
     "load_checkpoint",
@@ -42,4 +46,6 @@ __all__ = [
     "sample",
     "sample_rows",
     "save_checkpoint",
+    "state_from_bytes",
+    "state_to_bytes",
 ]
