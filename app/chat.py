@@ -3,8 +3,10 @@
 A turn: take the session's Redis lock -> tokenise just the new input messages -> take its cached decode
 state (or none) -> read only the stored token ids that state has not seen -> generate on the engine
 thread -> write input messages, reply and token ids in one script -> put the state back -> release the
-lock.
-Routes only validate, call this, and shape the response.
+lock -> write a snapshot of the state in the background, when one is due (app/snapshots.py). On a cache
+miss, or when the cached state is behind turns another replica answered, the state is resumed from the
+conversation's snapshot when one covers more of the stored ids. Routes only validate, call this, and
+shape the response.
 
 A turn may first cut history back (regenerate the last reply, edit the last user message): the cut is
 written in the same script as the new turn, and a cached state is used only if it has seen nothing past
@@ -31,6 +33,7 @@ from app.engine import (
 )
 from app.errors import EngineFailed, InvalidRequest, SessionNotFound, StoreUnavailable
 from app.schemas import SamplingFields
+from app.snapshots import Snapshots
 from app.store.history import ConversationInfo, HistoryStore, RewindTarget
 from app.store.index import SessionIndex
 from app.store.quota import StorageQuota
@@ -47,7 +50,7 @@ from app.store.sessions import (
     new_session_id,
     utc_now,
 )
-from model import ChatTokenizer, SamplingParams
+from model import ChatTokenizer, DecodeState, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -81,10 +84,12 @@ class ChatService:
         history: HistoryStore,
         index: SessionIndex,
         quota: StorageQuota,
+        snapshots: Snapshots | None = None,
     ) -> None:
         self.store = store
         self.engine = engine
         self.state_cache = state_cache
+        self.snapshots = snapshots  # None: SNAPSHOTS_ENABLED=false
         self.tokenizer = tokenizer
         self.settings = settings
         self.history = history
@@ -332,6 +337,8 @@ class Turn:
         self._handle: GenerationHandle | None = None
         self._outcome: TurnOutcome | None = None
         self._finish_called = False
+        self._snapshot_tokens = 0  # what the conversation's newest known snapshot covers
+        self._pending_snapshot: tuple[DecodeState, int] | None = None  # written once the lock is released
         self.prompt_ids: list[int] = []
         self.created_at = ""
         self._reserved = 0  # bytes reserved against the key's storage quota
@@ -360,11 +367,19 @@ class Turn:
             if cached is not None and (cached.tokens > stored or cached.rewinds != self._lock.rewinds):
                 # Ahead of the (kept) history, or built before a cut: it may have seen text that is gone.
                 cached = None
-            start = cached.tokens if cached is not None else 0
+            state, start = (cached.state, cached.tokens) if cached is not None else (None, 0)
+            if cached is not None:
+                self._snapshot_tokens = cached.snapshot_tokens
+            if service.snapshots is not None and (cached is None or cached.stored_tokens < stored):
+                # A miss, or a state behind turns another replica answered: a newer snapshot feeds less.
+                resumed = await service.snapshots.resume(self.session_id, self._owner, stored, start)
+                if resumed is not None:
+                    state, start = resumed
+                    self._snapshot_tokens = start
             self._cached_tokens = start
             history = await service.store.read_ids(self.session_id, start, stored)
             request = GenerationRequest(
-                state=cached.state if cached is not None else None,
+                state=state,
                 feed_ids=history + self.prompt_ids,
                 params=self._params,
                 decoder=service.tokenizer.stream_decoder(),
@@ -374,8 +389,15 @@ class Turn:
             try:
                 self._handle = service.engine.submit(request)
             except BaseException:
-                if cached is not None:  # not consumed: keep it for the next turn
-                    service.state_cache.put(self._key, cached.state, cached.tokens, cached.rewinds)
+                if state is not None:  # not consumed: keep it for the next turn
+                    service.state_cache.put(
+                        self._key,
+                        state,
+                        start,
+                        self._lock.rewinds,
+                        snapshot_tokens=self._snapshot_tokens,
+                        stored_tokens=self._lock.context_tokens,
+                    )
                 raise
         except TurnConflict as exc:
             await self._stack.aclose()
@@ -412,6 +434,16 @@ class Turn:
                     logger.warning("could not store the cancelled turn of %s", self.session_id, exc_info=True)
         finally:
             await self._stack.aclose()
+            self._snapshot_after_unlock()
+
+    def _snapshot_after_unlock(self) -> None:
+        """Hand the state to the background writer now that the lock is released (the store's script
+        refuses it if another turn or a rewind changed the ids meanwhile)."""
+        pending, self._pending_snapshot = self._pending_snapshot, None
+        snapshots = self._service.snapshots
+        if pending is not None and snapshots is not None and self._lock is not None:
+            state, tokens = pending
+            snapshots.save_later(self.session_id, self._owner, self._lock.token, state, tokens)
 
     @property
     def reply_seq(self) -> int:
@@ -503,6 +535,20 @@ class Turn:
         )
         if state is not None:
             rewinds = lock.rewinds + (self._rewind is not None)
-            service.state_cache.put(self._key, state, result.state_tokens, rewinds)
+            # A cut makes every older snapshot stale (it counts a rewind): none is known then.
+            covered = 0 if self._rewind is not None else self._snapshot_tokens
+            snapshots = service.snapshots
+            if snapshots is not None and snapshots.due(result.state_tokens, covered):
+                # A copy: the cached state may be advanced by the next turn while this one is written.
+                self._pending_snapshot = (state.clone(), result.state_tokens)
+                covered = result.state_tokens
+            service.state_cache.put(
+                self._key,
+                state,
+                result.state_tokens,
+                rewinds,
+                snapshot_tokens=covered,
+                stored_tokens=outcome.context_tokens,
+            )
         await service.index.touched(self._owner, self.session_id)
         return outcome

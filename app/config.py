@@ -63,6 +63,10 @@ class Settings(BaseSettings):
     default_repetition_penalty: float = Field(default=1.1, gt=0)
 
     state_cache_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
+    snapshots_enabled: bool = True
+    snapshot_min_tokens: int = Field(default=1024, ge=0)
+    snapshot_every_tokens: int = Field(default=256, ge=1)
+    snapshot_max_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
     prefill_chunk_tokens: int = Field(default=512, ge=1)
     batch_prompt_tokens: int = Field(default=32, ge=0)
     max_running_requests: int = Field(default=16, ge=1)

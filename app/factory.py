@@ -39,13 +39,15 @@ from app.routes import admin, chat, sessions, stream
 from app.routes.responses import ADMIN_ERRORS, CHAT_ERRORS, OPENAI_ERRORS, SESSION_ERRORS
 from app.security import PageSecurityHeaders, install_cors, redact_secrets_in_server_logs
 from app.services import Services
+from app.snapshots import Snapshots
 from app.store.embedded_redis import EmbeddedRedis
 from app.store.history import HistoryStore
 from app.store.index import SessionIndex
 from app.store.quota import StorageQuota
 from app.store.redis_client import RedisTarget, connect_redis
 from app.store.sessions import SessionStore
-from model import ChatTokenizer, ReformerLM, load_checkpoint
+from app.store.snapshots import SnapshotStore
+from model import ChatTokenizer, ReformerLM, checkpoint_identity, load_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +83,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     async with AsyncExitStack() as stack:
         # The model first: a bad MODEL_DIR should fail before anything is started or written.
         model, tokenizer, checkpoint = await asyncio.to_thread(load_model, settings)
+        identity = await asyncio.to_thread(checkpoint_identity, model)  # once: it hashes every weight
         metrics = Metrics()
         target = settings.redis_target
         if target is None:
@@ -115,6 +118,20 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             retry_after=settings.retry_after_seconds,
             session_meta_key=lambda session_id: store.key(session_id, "meta"),
         )
+        snapshots = None
+        if settings.snapshots_enabled:
+            snapshots = Snapshots(
+                SnapshotStore(store),
+                model,
+                identity,
+                metrics,
+                min_tokens=settings.snapshot_min_tokens,
+                every_tokens=settings.snapshot_every_tokens,
+                max_bytes=settings.snapshot_max_bytes,
+                max_writes=settings.max_running_requests,
+            )
+            # Runs before the client closes (and after the engine stops: the last turns' writes start).
+            stack.push_async_callback(snapshots.flush, settings.redis_timeout_seconds * 5)
         engine = ChatEngine(
             model,
             metrics=metrics,
@@ -130,14 +147,21 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         # The cache outlives no engine: after stop() no turn can put a state back, and clear() frees them.
         state_cache = StateCache(settings.state_cache_bytes, metrics)
         stack.callback(state_cache.clear)
-        model_info: dict[str, Any] = {"config": model.config.to_dict(), "parameters": model.num_parameters()}
+        model_info: dict[str, Any] = {
+            "config": model.config.to_dict(),
+            "parameters": model.num_parameters(),
+            "identity": identity,
+        }
         app.state.services = Services(
             settings=settings,
             metrics=metrics,
             store=store,
             engine=engine,
             state_cache=state_cache,
-            chat=ChatService(store, engine, state_cache, tokenizer, settings, history, index, quota),
+            chat=ChatService(
+                store, engine, state_cache, tokenizer, settings, history, index, quota, snapshots
+            ),
+            snapshots=snapshots,
             api_keys=ApiKeyAuth(settings.api_keys),
             admin=AdminAuth(settings.admin_token.get_secret_value() if settings.admin_token else None),
             checkpoint=checkpoint,

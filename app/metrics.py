@@ -104,6 +104,36 @@ class Metrics:
         self.state_cache_entries = Gauge(
             f"{PREFIX}_state_cache_entries", "Sessions with a cached decode state.", registry=r
         )
+        self.snapshot_writes = Counter(
+            f"{PREFIX}_snapshot_writes", "Decode-state snapshots written to Redis.", registry=r
+        )
+        self.snapshot_write_bytes = Counter(
+            f"{PREFIX}_snapshot_write_bytes", "Bytes of decode-state snapshots written to Redis.", registry=r
+        )
+        self.snapshot_skipped = Counter(
+            f"{PREFIX}_snapshot_skipped",
+            "Snapshots not written: the ids changed since the turn (changed), too many writes in flight "
+            "(busy), larger than SNAPSHOT_MAX_BYTES (too_big), or Redis failed (error).",
+            ["reason"],
+            registry=r,
+        )
+        self.snapshot_resumes = Counter(
+            f"{PREFIX}_snapshot_resumes",
+            "Turns that resumed their state from a snapshot: a state-cache miss that fed only the tail.",
+            registry=r,
+        )
+        self.snapshot_rejected = Counter(
+            f"{PREFIX}_snapshot_rejected",
+            "Snapshots found but not used: foreign (another checkpoint), too_long (covers ids no longer "
+            "stored), stale (written before a rewind), corrupt, truncated, version (another format).",
+            ["reason"],
+            registry=r,
+        )
+        self.snapshot_bytes = Gauge(
+            f"{PREFIX}_snapshot_bytes",
+            "Bytes of one conversation's snapshot for the model served (what each snapshot costs Redis).",
+            registry=r,
+        )
         self.redis_latency = Histogram(
             f"{PREFIX}_redis_operation_seconds",
             "Latency of the store's Redis operations.",

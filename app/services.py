@@ -15,6 +15,7 @@ from app.chat import ChatService
 from app.config import Settings
 from app.engine import ChatEngine, StateCache
 from app.metrics import Metrics
+from app.snapshots import Snapshots
 from app.store.sessions import SessionStore
 
 
@@ -31,3 +32,4 @@ class Services:
     checkpoint: Path
     model_info: dict[str, Any]
     started_at: float  # time.monotonic() at startup, for uptime
+    snapshots: Snapshots | None = None  # None: SNAPSHOTS_ENABLED=false

@@ -28,6 +28,12 @@ class CachedState:
     # The conversation's rewind count (app/store/sessions.py) when the state was built: once history is cut
     # back, a state built before the cut may have seen removed text, whatever its length.
     rewinds: int = 0
+    # Tokens covered by the conversation's newest snapshot in Redis, as far as this replica knows (0:
+    # none known): the snapshot policy writes again once the state is far enough past it.
+    snapshot_tokens: int = 0
+    # The conversation's stored ids when the state was put back: fewer than are stored at the next turn
+    # means another replica answered turns meanwhile (and may have left a newer snapshot).
+    stored_tokens: int = 0
 
 
 class StateCache:
@@ -61,12 +67,21 @@ class StateCache:
             self._metrics.state_cache_hits.inc()
         return entry
 
-    def put(self, key: CacheKey, state: DecodeState, tokens: int, rewinds: int = 0) -> None:
+    def put(
+        self,
+        key: CacheKey,
+        state: DecodeState,
+        tokens: int,
+        rewinds: int = 0,
+        *,
+        snapshot_tokens: int = 0,
+        stored_tokens: int = 0,
+    ) -> None:
         """Insert as most recently used, evicting the least recently used until within budget.
 
         A state larger than the whole budget is not kept: it would evict everything and then itself.
         """
-        entry = CachedState(state, tokens, state.nbytes(), rewinds)
+        entry = CachedState(state, tokens, state.nbytes(), rewinds, snapshot_tokens, stored_tokens)
         with self._lock:
             self._pop(key)
             if entry.nbytes <= self.budget_bytes:

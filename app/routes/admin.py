@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from app.deps import AdminDep, ServicesDep
 from app.errors import StoreUnavailable, error_body
+from app.snapshots import Snapshots
 
 router = APIRouter(prefix="/admin", tags=["admin"])
 
@@ -77,5 +78,19 @@ async def info(services: ServicesDep, _: AdminDep) -> dict[str, Any]:
         "checkpoint": str(services.checkpoint),
         "model": services.model_info,
         "state_cache": {"entries": len(cache), "bytes": cache.nbytes, "budget_bytes": cache.budget_bytes},
+        "snapshots": _snapshots(services.snapshots),
         "auth": {"api_keys": not services.api_keys.is_open, "admin_token": not services.admin.is_open},
+    }
+
+
+def _snapshots(snapshots: Snapshots | None) -> dict[str, Any]:
+    """What each conversation's snapshot costs Redis and when one is written (README, "Operations")."""
+    if snapshots is None:
+        return {"enabled": False}
+    return {
+        "enabled": True,
+        "bytes_per_conversation": snapshots.bytes_per_conversation,
+        "min_tokens": snapshots.min_tokens,
+        "every_tokens": snapshots.every_tokens,
+        "max_bytes": snapshots.max_bytes,
     }

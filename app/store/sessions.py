@@ -9,10 +9,12 @@ slot and one Lua script may touch them all):
     {prefix}chat:{<id>}:ids    string: the conversation's token ids, little-endian uint32, appended per turn
     {prefix}chat:{<id>}:resp   hash: stored Responses API objects of this conversation, by response id
     {prefix}chat:{<id>}:lock   string: the per-session turn lock (random token, expires unless renewed)
+    {prefix}chat:{<id>}:snap   hash: the conversation's decode-state snapshot (app/store/snapshots.py)
 
 The token ids are what rebuilds a decode state, so a turn never re-tokenises history; a string lets a turn
 read just the tail it needs (GETRANGE) instead of the whole conversation. Every change is one Lua script,
-so no reader ever sees a half turn, and every access slides the TTL of all the data keys.
+so no reader ever sees a half turn, and every access slides the TTL of all the data keys. Each turn
+slides the snapshot's too, and deleting a conversation deletes its snapshot with it.
 
 Each message is stored as `{"seq": n, "tokens": t, ...}`: `seq` numbers the conversation's messages (1, 2,
 ... never reused, so it survives deletions and names the message in the OpenAI-style API) and `tokens` is
@@ -71,20 +73,21 @@ end
 return out
 """
 
-# KEYS: meta, msgs, ids, resp. ARGV: owner. -> 1 deleted, 0 missing or another key's.
+# KEYS: meta, msgs, ids, resp, snap. ARGV: owner. -> 1 deleted, 0 missing or another key's.
 _DELETE = """
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
 return 1
 """
 
-# KEYS: meta, msgs, ids, resp, lock. ARGV: owner, token, lock_ms, ttl_ms.
+# KEYS: meta, msgs, ids, resp, lock, snap. ARGV: owner, token, lock_ms, ttl_ms.
 # -> {-1} missing or another key's, {-2} locked by someone else, else {ids_bytes, seq, rewinds, messages}.
 # `seq` of a conversation written before messages were numbered is its message count (see above).
 _LOCK = """
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return {-1} end
 if not redis.call('SET', KEYS[5], ARGV[2], 'NX', 'PX', ARGV[3]) then return {-2} end
 for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], ARGV[4]) end
+redis.call('PEXPIRE', KEYS[6], ARGV[4])
 local n = redis.call('LLEN', KEYS[2])
 local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or n)
 local rewinds = tonumber(redis.call('HGET', KEYS[1], 'rewinds') or 0)
@@ -107,7 +110,9 @@ return 0
 # keep_messages >= 0 first cuts history back to its first keep_messages messages and keep_ids_bytes of ids
 # (a regenerate or an edit), in the same script as the append, so no reader sees the cut without the new
 # turn. Each message gets the next seq, written first in its JSON; a title is set once, by the first turn,
-# and again when a cut removed the message it came from (retitle "1").
+# and again when a cut removed the message it came from (retitle "1"). `ids_turn` names the last append to
+# the ids (this turn's lock token and the rewind count after it): a snapshot of this turn's state is
+# written only while it is unchanged (app/store/snapshots.py).
 _APPEND_TURN = """
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return -1 end
 if redis.call('GET', KEYS[5]) ~= ARGV[2] then return -2 end
@@ -128,7 +133,8 @@ for i = 14, #ARGV do
   seq = seq + 1
   redis.call('RPUSH', KEYS[2], '{"seq":' .. seq .. ',' .. string.sub(ARGV[i], 2))
 end
-redis.call('HSET', KEYS[1], 'updated_at', ARGV[9], 'seq', seq)
+local rewinds = redis.call('HGET', KEYS[1], 'rewinds') or '0'
+redis.call('HSET', KEYS[1], 'updated_at', ARGV[9], 'seq', seq, 'ids_turn', ARGV[2] .. '/' .. rewinds)
 if ARGV[10] ~= '' then redis.call('HSETNX', KEYS[1], 'title', ARGV[10]) end
 if ARGV[11] ~= '' then redis.call('HSET', KEYS[4], ARGV[11], ARGV[12]) end
 for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
@@ -253,6 +259,10 @@ class SessionStore:
         self._renew = redis.register_script(_RENEW)
         self._append_turn = redis.register_script(_APPEND_TURN)
 
+    @property
+    def redis(self) -> RedisClient:
+        return self._redis
+
     def key(self, session_id: str, part: str) -> str:
         return f"{self._prefix}chat:{{{session_id}}}:{part}"
 
@@ -325,7 +335,9 @@ class SessionStore:
 
     async def delete(self, session_id: str, owner: str) -> None:
         async with self.op("delete"):
-            deleted = await self._delete(keys=self._data_keys(session_id), args=[owner])
+            deleted = await self._delete(
+                keys=[*self._data_keys(session_id), self.key(session_id, "snap")], args=[owner]
+            )
         if not deleted:
             raise SessionNotFound(session_id)
 
@@ -349,7 +361,11 @@ class SessionStore:
             result = [
                 int(x)
                 for x in await self._lock(
-                    keys=[*self._data_keys(session_id), self.key(session_id, "lock")],
+                    keys=[
+                        *self._data_keys(session_id),
+                        self.key(session_id, "lock"),
+                        self.key(session_id, "snap"),
+                    ],
                     args=[owner, token, self.lock_ms, self._ttl_ms],
                 )
             ]
