@@ -144,6 +144,13 @@ class AppProcess:
             self.process.wait()
             self.process = None
 
+    def terminate(self) -> None:
+        """SIGTERM, what an orchestrator sends on a deploy: a graceful stop."""
+        if self.process is not None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait()
+            self.process = None
+
     def stop(self) -> None:
         """Ctrl+C: a graceful stop."""
         if self.process is not None:
