@@ -9,6 +9,7 @@ masters, and the whole service (lifespan, readiness, turns, history) runs on the
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import httpx
@@ -19,6 +20,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.cluster import RedisCluster as SyncRedisCluster
 from redis.crc import key_slot
 
 from app.config import Settings
@@ -29,7 +31,7 @@ from app.store.sessions import SessionStore, new_session_id
 from tests.deploy.redis_cluster import ClusterInfo
 from tests.support import make_settings, new_prefix, quiet_params, running_server
 
-PARTS = ("meta", "msgs", "ids", "lock")
+PARTS = ("meta", "msgs", "ids", "lock", "snap")
 
 
 def _store(prefix: str) -> SessionStore:
@@ -51,7 +53,7 @@ def _store(prefix: str) -> SessionStore:
 )
 def test_every_key_of_a_conversation_hashes_to_one_slot(prefix: str, session_id: str) -> None:
     """For any prefix Settings accepts and any session id the routes accept (an empty `{}` tag, which
-    Redis ignores, cannot occur: ids are never empty and have no braces), all four keys share a slot."""
+    Redis ignores, cannot occur: ids are never empty and have no braces), all its keys share a slot."""
     assert valid_session_id(session_id) == session_id
     store = _store(prefix)
     slots = {key_slot(store.key(session_id, part).encode()) for part in PARTS}
@@ -115,7 +117,13 @@ def test_conversations_spread_over_the_masters(redis_cluster: ClusterInfo) -> No
 def test_the_service_serves_conversations_on_the_cluster(
     redis_cluster: ClusterInfo, tiny_checkpoint: Path
 ) -> None:
-    settings = make_settings(tiny_checkpoint, redis_url=redis_cluster.plain_url, redis_cluster=True)
+    settings = make_settings(
+        tiny_checkpoint,
+        redis_url=redis_cluster.plain_url,
+        redis_cluster=True,
+        snapshot_min_tokens=0,
+        snapshot_every_tokens=1,
+    )
     with running_server(settings) as url:
         ready = httpx.get(f"{url}/admin/ready")
         assert ready.status_code == 200, ready.text
@@ -134,5 +142,14 @@ def test_the_service_serves_conversations_on_the_cluster(
             ("user", sent[1]),
             ("assistant", replies[1]),
         ]
+        # The decode-state snapshot sits on the node that owns the conversation's slot, beside its ids.
+        cluster = SyncRedisCluster.from_url(redis_cluster.url.replace("redis+cluster", "redis"))
+        snap = f"{settings.redis_key_prefix}chat:{{{session_id}}}:snap"
+        node = cluster.get_node_from_key(snap)
+        assert node.name == cluster.get_node_from_key(snap.replace(":snap", ":ids")).name
+        while not cluster.execute_command("EXISTS", snap, target_nodes=node):
+            time.sleep(0.02)  # written in the background after the reply
         assert httpx.delete(f"{url}/v1/sessions/{session_id}").status_code == 204
         assert httpx.get(f"{url}/v1/sessions/{session_id}").status_code == 404
+        assert not cluster.execute_command("EXISTS", snap, target_nodes=node)
+        cluster.close()
