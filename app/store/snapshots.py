@@ -13,6 +13,13 @@ while the ids are exactly as the turn that computed the state left them (the `id
 SessionStore.append_turn sets: that turn's lock token and the rewind count), so a later turn, or a rewind,
 that landed first wins. A read hands back a snapshot only when it covers at most the ids stored now and
 no rewind happened since it was written; one that fails either check is useless forever and is deleted.
+A read checks in one script and fetches the bytes with a plain HGET (a write landing in between can only
+be a valid one for the same ids, and the caller compares the token count in the bytes' own header). A
+write hands the bytes through Lua, which costs Redis a pass over them, because only a script can keep
+them out of the append-only file (`redis.set_repl`: to replicas, not to the AOF): a snapshot is a cache
+the ids can always rebuild, and with `appendfsync always` fsyncing megabytes per write would stall every
+other client of that Redis. A Redis restart therefore loses the snapshots written since its last AOF
+rewrite (each conversation rebuilds once); a failover to a replica keeps them.
 Its expiry is the conversation's: set from the metadata's at a write, slid with it by each turn (the
 turn lock's script) and at a resume, and SessionStore.delete deletes it with the conversation.
 """
@@ -20,7 +27,7 @@ turn lock's script) and at a resume, and SessionStore.delete deletes it with the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 from app.store.sessions import SessionStore
 
@@ -33,6 +40,7 @@ if redis.call('HGET', KEYS[1], 'ids_turn') ~= ARGV[2] .. '/' .. rewinds then ret
 if redis.call('STRLEN', KEYS[2]) < 4 * tonumber(ARGV[3]) then return -2 end
 local ttl = redis.call('PTTL', KEYS[1])
 if ttl <= 0 then return -1 end
+redis.set_repl(redis.REPL_REPLICA)
 redis.call('DEL', KEYS[3])
 redis.call('HSET', KEYS[3], 'tokens', ARGV[3], 'rewinds', rewinds, 'identity', ARGV[4], 'data', ARGV[5])
 redis.call('PEXPIRE', KEYS[3], ttl)
@@ -40,7 +48,7 @@ return 1
 """
 
 # KEYS: meta, snap. ARGV: owner, identity, stored tokens (read under the turn lock), tokens already held.
-# -> {0} none, or none covering more than the caller holds; {1, tokens, data}; or {-1} another
+# -> {0} none, or none covering more than the caller holds; {1, tokens}; or {-1} another
 # checkpoint's, {-2} covers more ids than are stored, {-3} written before a rewind (the last two are
 # deleted: no later turn can use them).
 _READ = """
@@ -58,7 +66,7 @@ if tonumber(snap[1]) <= tonumber(ARGV[4]) then return {0} end
 if snap[3] ~= ARGV[2] then return {-1} end
 local ttl = redis.call('PTTL', KEYS[1])
 if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
-return {1, tonumber(snap[1]), redis.call('HGET', KEYS[2], 'data')}
+return {1, tonumber(snap[1])}
 """
 
 # Why a stored snapshot was not handed out (model/snapshot.py's reasons are the parsing ones).
@@ -110,9 +118,12 @@ class SnapshotStore:
                 args=[owner, identity, stored_tokens, held_tokens],
             )
         code = int(result[0])
-        if code == 1:
-            return StoredSnapshot(int(result[1]), bytes(result[2]))
-        return _REFUSALS.get(code)
+        if code != 1:
+            return _REFUSALS.get(code)
+        # The bytes by a plain HGET: handed through Lua, Redis would hash all of them on the way.
+        async with store.op("snapshot_read_data"):
+            data = await store.redis.hget(self.key(session_id), "data")
+        return None if data is None else StoredSnapshot(int(result[1]), cast(bytes, data))  # a bytes client
 
     async def delete(self, session_id: str) -> None:
         """Drop a snapshot that failed to parse: it can never be used."""

@@ -3,14 +3,21 @@ stored, lives in its conversation's slot, never outlives it, and goes when the c
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+
+import numpy as np
 from redis.crc import key_slot
 
-from app.store.redis_client import RedisClient
+from app.metrics import Metrics
+from app.store.redis_client import RedisClient, connect_redis, resolve_redis_target
 from app.store.sessions import SessionStore
 from app.store.snapshots import SnapshotStore, StoredSnapshot
 from tests.app.store import test_sessions
 from tests.app.store.test_sessions import Target, run_with_store, turn
 from tests.deploy.redis_cluster import redis_cluster  # noqa: F401 (a session fixture)
+from tests.reliability.processes import RedisServer
+from tests.support import new_prefix
 
 target = test_sessions.target  # the same two Redis targets as the session store's tests
 
@@ -107,3 +114,32 @@ def test_the_snapshot_shares_its_conversations_slot_expiry_and_deletion(target: 
         assert not await client.exists(snap)
 
     run_with_store(target, body)
+
+
+def test_snapshots_stay_out_of_the_append_only_file(tmp_path: Path) -> None:
+    """A snapshot is a cache of what the ids rebuild: with `appendfsync always`, writing megabytes to the
+    AOF per turn would stall Redis. After a Redis crash and AOF replay the conversation is whole and its
+    snapshot is gone (the next turn rebuilds)."""
+
+    async def write(url: str) -> tuple[str, str]:
+        client = connect_redis(resolve_redis_target(url, cluster=False), timeout=5)
+        try:
+            options = {"ttl_seconds": 3600, "lock_seconds": 30, "retry_after": 1, "metrics": Metrics()}
+            store = SessionStore(client, prefix=new_prefix(), **options)
+            sid = (await store.create("alice")).session_id
+            token, _ = await _turn(store, sid, [1, 2, 3])
+            snaps = SnapshotStore(store)
+            assert await snaps.save(sid, "alice", turn_token=token, tokens=2, identity=IDENTITY, data=b"s")
+            return store.key(sid, "ids"), snaps.key(sid)
+        finally:
+            await client.aclose()
+
+    with RedisServer(tmp_path / "redis", aof=True) as server:
+        ids, snap = asyncio.run(write(server.url))
+        with server.client() as client:
+            assert client.exists(snap)
+        server.kill()
+        server.start()
+        with server.client() as client:
+            assert client.get(ids) == np.asarray([1, 2, 3], dtype="<u4").tobytes()
+            assert not client.exists(snap)
