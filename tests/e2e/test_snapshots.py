@@ -20,7 +20,7 @@ import redis
 
 from model import ReformerConfig, ReformerLM, checkpoint_identity, state_to_bytes
 from model.tokenizer import ChatTokenizer
-from tests.support import TEST_REDIS_URL, LiveServerFactory, quiet_params
+from tests.support import TEST_REDIS_URL, LiveServerFactory, endless_params, quiet_params
 
 ADMIN = {"Authorization": "Bearer admin"}
 HISTORY = (
@@ -171,3 +171,52 @@ def test_with_snapshots_off_nothing_is_written(live_server: LiveServerFactory) -
         assert http.get("/admin/info", headers=ADMIN).json()["snapshots"] == {"enabled": False}
         with redis.Redis.from_url(TEST_REDIS_URL) as r:
             assert not r.exists(f"{live.prefix}chat:{{{session_id}}}:snap")
+
+
+def test_a_rewind_never_resumes_a_snapshot_that_saw_removed_text(
+    live_server: LiveServerFactory, tokenizer: ChatTokenizer
+) -> None:
+    """Edit-last, and deleting the last items, cut history back under a snapshot that saw the cut text (it
+    covers more ids than are kept): each time it is refused, and every reply equals a fresh
+    conversation's fed only the remaining history. (A snapshot the stored ids outgrew again after a
+    rewind is refused as "stale": the damage test above.)"""
+    settings = {
+        "state_cache_bytes": 0,
+        "snapshot_min_tokens": 0,
+        "snapshot_every_tokens": 1,
+        "admin_token": "admin",
+    }
+    params = endless_params(tokenizer, 12)
+    with live_server(**settings) as live, httpx.Client(base_url=live.url, timeout=None) as http:
+        turns = 0
+
+        def say(sid: str, content: str, route: str = "messages") -> str:
+            nonlocal turns
+            response = http.post(f"/v1/sessions/{sid}/{route}", json={"content": content, **params})
+            assert response.status_code == 200, response.text
+            turns += 1
+            wait_for_writes(http, turns)
+            return response.json()["message"]["content"]
+
+        def fresh(contents: list[str]) -> list[str]:
+            sid = http.post("/v1/sessions").json()["session_id"]
+            return [say(sid, c) for c in contents]
+
+        def rejected(reason: str) -> float:
+            return metric(http, f"{SNAP}_rejected_total", reason=reason)
+
+        sid = http.post("/v1/sessions").json()["session_id"]
+        say(sid, "Hello there")
+        say(sid, "Tell me about cats")
+        expected = fresh(["Hello there", "Tell me about the weather today", "Go on"])
+        assert say(sid, "Tell me about the weather today", route="edit") == expected[1]
+        assert rejected("too_long") == 1
+        resumed = metric(http, f"{SNAP}_resumes_total")
+        assert say(sid, "Go on") == expected[2]
+        assert metric(http, f"{SNAP}_resumes_total") == resumed + 1  # from the snapshot after the edit
+
+        items = http.get(f"/v1/conversations/conv_{sid}/items").json()["data"]  # newest first
+        for item in items[:2]:
+            assert http.delete(f"/v1/conversations/conv_{sid}/items/{item['id']}").status_code == 200
+        assert say(sid, "Go on") == expected[2]
+        assert rejected("too_long") == 2  # the cut left fewer ids than the snapshot covers

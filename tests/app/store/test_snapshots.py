@@ -27,14 +27,7 @@ IDENTITY = "a" * 64
 async def _turn(store: SessionStore, session_id: str, ids: list[int]) -> tuple[str, int]:
     """Store one turn of `ids`; (its lock token, the stored token count)."""
     async with store.turn_lock(session_id, "alice") as lock:
-        total = await store.append_turn(
-            session_id,
-            "alice",
-            lock.token,
-            expected_tokens=lock.context_tokens,
-            new_ids=ids,
-            messages=turn("hi", "yo"),
-        )
+        total = await store.append_turn(session_id, "alice", lock, new_ids=ids, messages=turn("hi", "yo"))
         return lock.token, total
 
 
