@@ -88,7 +88,10 @@ class Bench:
     ) -> ServerSpec:
         model_dir = Path(self.args.full_model_dir if full else self.args.model_dir)
         cache_bytes = (FULL_CACHE_BYTES if full else 256 << 20) if cache else 0
-        return ServerSpec(name, model_dir, cache_bytes, self.args.threads, max_running, env or {})
+        # A "cold" turn here is the rebuild from the stored ids; resuming from a snapshot is
+        # bench/resume.py's subject.
+        env = {"SNAPSHOTS_ENABLED": "false", **(env or {})}
+        return ServerSpec(name, model_dir, cache_bytes, self.args.threads, max_running, env)
 
     def start(self, spec: ServerSpec) -> ServerProcess:
         LOG.info("starting server %s", spec.name)
