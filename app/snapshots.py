@@ -106,7 +106,9 @@ class Snapshots:
 
     def _reject(self, session_id: str, reason: str, detail: str = "") -> None:
         self._metrics.snapshot_rejected.labels(reason).inc()
-        logger.warning("snapshot of %s not used (%s) %s; rebuilding from its ids", session_id, reason, detail)
+        # After a deploy or a rewind a refusal is expected; a damaged one is worth a look.
+        level = logging.INFO if reason in ("foreign", "too_long", "stale") else logging.WARNING
+        logger.log(level, "snapshot of %s not used (%s) %s; rebuilding", session_id, reason, detail)
 
     # ---- save -----------------------------------------------------------------------------------------
     def due(self, tokens: int, last_snapshot: int) -> bool:
