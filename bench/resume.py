@@ -42,7 +42,16 @@ import redis
 from app.config import SHIPPED_MODEL_DIR
 from app.store.embedded_redis import EmbeddedRedis
 from bench._common import REPO_ROOT, environment, write_json
-from bench._serve import Messages, ServerProcess, ServerSpec, TurnRecord, create_session, gauge, run_turn
+from bench._serve import (
+    Messages,
+    ServerProcess,
+    ServerSpec,
+    TurnRecord,
+    create_session,
+    gauge,
+    redis_seconds,
+    run_turn,
+)
 from model import ChatTokenizer
 
 LOG = logging.getLogger("bench.resume")
@@ -137,9 +146,9 @@ class Bench:
             self.writes_done(server)
             self.record_redis_bytes(sessions)
         for n in args.lengths:
-            policies = ["default", "off"] if n <= args.rebuild_max else ["default"]
-            for policy in policies:
-                mode = "resumed" if policy == "default" else "rebuilt"
+            runs = [("resumed", "default")] * args.restarts
+            runs += [("rebuilt", "off")] if n <= args.rebuild_max else []
+            for mode, policy in runs:
                 with self.start(mode, policy) as fresh:
                     self.warm_up(fresh)
                     self.measured(fresh, sessions[n], mode, n)
@@ -165,10 +174,7 @@ class Bench:
                 sessions[policy] = create_session(server)
                 self.grow(server, sessions[policy], args.cost_history)
                 self.warm_up(server)
-            before = {
-                p: (s.cpu_seconds(), gauge(s.metrics(), "reformer_chat_snapshot_write_bytes_total"))
-                for p, s in servers.items()
-            }
+            before = {p: (s.cpu_seconds(), s.metrics()) for p, s in servers.items()}
             records: dict[str, list[TurnRecord]] = {policy: [] for policy in servers}
             for _ in range(args.cost_turns):
                 for policy, server in servers.items():
@@ -178,8 +184,10 @@ class Bench:
                     records[policy].append(self.turn(server, sessions[policy], content, params))
             time.sleep(1.0)
             for policy, server in servers.items():
-                cpu_before, bytes_before = before[policy]
-                written = gauge(server.metrics(), "reformer_chat_snapshot_write_bytes_total") or 0.0
+                cpu_before, metrics_before = before[policy]
+                metrics_after = server.metrics()
+                written = _delta(metrics_before, metrics_after, "reformer_chat_snapshot_write_bytes_total")
+                writes = redis_seconds([(metrics_before, metrics_after)]).get("snapshot_write", {})
                 latencies = [r.latency for r in records[policy]]
                 self.cost.append(
                     {
@@ -188,13 +196,19 @@ class Bench:
                         "latency_median_s": statistics.median(latencies),
                         "latency_mean_s": statistics.fmean(latencies),
                         "server_cpu_per_turn_s": (server.cpu_seconds() - cpu_before) / len(latencies),
-                        "snapshot_bytes_written_per_turn": (written - (bytes_before or 0.0)) / len(latencies),
+                        "snapshot_bytes_written_per_turn": written / len(latencies),
+                        # Time the server waited on Redis for snapshot writes (Lua's pass over the bytes).
+                        "snapshot_write_redis_s_per_turn": writes.get("sum_s", 0.0) / len(latencies),
                     }
                 )
                 LOG.info("cost %s: %s", policy, self.cost[-1])
         finally:
             for server in servers.values():
                 server.stop()
+
+
+def _delta(before: str, after: str, name: str) -> float:
+    return (gauge(after, name) or 0.0) - (gauge(before, name) or 0.0)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -239,7 +253,7 @@ def report(payload: dict[str, Any]) -> str:
              _ratio(c["latency_median_s"], off["latency_median_s"], "{:.3f}x"),
              _cell(c["server_cpu_per_turn_s"]),
              _ratio(c["server_cpu_per_turn_s"], off["server_cpu_per_turn_s"], "{:.3f}x"),
-             f"{c['snapshot_bytes_written_per_turn']:,.0f}"]
+             f"{c['snapshot_bytes_written_per_turn']:,.0f}", _cell(c["snapshot_write_redis_s_per_turn"])]
             for c in payload["cost"]
         ]  # fmt: skip
         header = [
@@ -250,6 +264,7 @@ def report(payload: dict[str, Any]) -> str:
             "server CPU s/turn",
             "vs off",
             "snapshot bytes/turn",
+            "snapshot write s/turn (Redis)",
         ]
         lines += _table(header, rows)
     if payload["redis_bytes"]:
@@ -273,6 +288,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model-dir", default=str(SHIPPED_MODEL_DIR))
     parser.add_argument("--lengths", type=ints, default=[1024, 16384, 65536])
     parser.add_argument("--warm-turns", type=int, default=3)
+    parser.add_argument("--restarts", type=int, default=3, help="fresh servers resuming each conversation")
     parser.add_argument(
         "--rebuild-max", type=int, default=16384, help="longest history re-fed with snapshots off"
     )
@@ -307,6 +323,7 @@ def main() -> None:
         "environment": environment("cpu", args.threads),
         "setup": {
             "lengths": args.lengths,
+            "restarts": args.restarts,
             "message_tokens": MESSAGE_TOKENS,
             "reply_tokens": REPLY_TOKENS,
             "cost_history": args.cost_history,
