@@ -23,9 +23,11 @@ LAYOUTS = [("local", "lsh"), ("lsh", "lsh"), ("local", "lsh", "full")]
 VOCAB = 97
 
 
-def _model(layout: tuple[str, ...], seed: int = 0) -> ReformerLM:
+def _model(layout: tuple[str, ...], seed: int = 0, shared_qk: bool = False) -> ReformerLM:
     torch.manual_seed(seed)
-    config = ReformerConfig.tiny(vocab_size=VOCAB, n_layers=len(layout), attn_layers=layout)
+    config = ReformerConfig.tiny(
+        vocab_size=VOCAB, n_layers=len(layout), attn_layers=layout, shared_qk=shared_qk
+    )
     return ReformerLM(config).eval()
 
 
@@ -84,17 +86,18 @@ def test_round_trip_keeps_a_bf16_state_bit_for_bit() -> None:
     prefix=st.integers(0, 200),
     tail=st.integers(1, 80),
     seed=st.integers(0, 3),
+    shared_qk=st.booleans(),
 )
 def test_a_resumed_state_plus_the_tail_equals_the_warm_state_and_forward(
-    layout: tuple[str, ...], prefix: int, tail: int, seed: int
+    layout: tuple[str, ...], prefix: int, tail: int, seed: int, shared_qk: bool
 ) -> None:
     """Property 2 across a restart: the snapshot of the first `prefix` tokens, loaded by a fresh copy of
     the model, fed the tail, gives the warm state's logits (bit for bit) and forward()'s."""
-    model = _model(layout, seed)
+    model = _model(layout, seed, shared_qk)
     ids = _ids(prefix + tail, seed + 7)
     warm = _fed(model, ids[:, :prefix])
     data = state_to_bytes(warm, checkpoint_identity(model))
-    restarted = _model(layout, seed)  # another process: the same checkpoint, loaded anew
+    restarted = _model(layout, seed, shared_qk)  # another process: the same checkpoint, loaded anew
     resumed = state_from_bytes(data, checkpoint_identity(restarted), like=restarted.init_state(1))
     with torch.no_grad():
         expected = model(ids)[:, prefix:]
