@@ -73,6 +73,11 @@ def test_bf16_decode_agrees_with_the_bf16_forward_pass_on_real_text(
     agree = (decoded.argmax(-1) == forward.argmax(-1)).float().mean().item()
     assert agree >= 0.99, f"greedy tokens agree at {agree:.2%} of positions"
     assert _loss(decoded, ids) == pytest.approx(_loss(forward, ids), rel=0.005)
+    # Tighter than the issue asks: decode multiplies the same bf16-rounded numbers as forward, in another
+    # order and other kernels, so logits differ by ~1e-4 of their mean size (measured 9e-5); statistics
+    # taken in bf16 instead of fp32 in the one-token path make that ~1e-3.
+    drift = ((decoded - forward).abs().mean() / forward.abs().mean()).item()
+    assert drift <= 3e-4, f"decode logits drift {drift:.1e} from forward's"
 
 
 def test_bf16_forward_loss_is_within_one_percent_of_fp32(
@@ -104,26 +109,32 @@ def test_a_bf16_decode_state_loses_nothing_under_bf16(
     torch.testing.assert_close(compact, wide, rtol=0, atol=0)
 
 
-# ---- no silent fp32 in the hot path --------------------------------------------------------------------
+# ---- no silent fp32 in the hot path, no bf16 in the statistics ------------------------------------------
 
 _PRODUCTS = {"mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product_flash_attention_for_cpu"}
+# What must stay fp32: bucket choice, softmax statistics (the kernel's and the hash rounds' logsumexp, the
+# one-token paths' softmax), the loss's logsumexp.
+_STATISTICS = {"argmax", "logsumexp", "_softmax", "_log_softmax"}
 _MODEL_DIR = Path(__file__).resolve().parents[2] / "model"
 
 
 class _ProductDtypes(TorchDispatchMode):
-    """Records every matrix product that reaches the kernels (after autocast), by the model function
-    that issued it (the innermost Python frame in model/), with its input dtypes."""
+    """Records every matrix product and statistic that reaches the kernels (after autocast), by the model
+    function that issued it (the innermost Python frame in model/), with its input dtypes."""
 
     def __init__(self) -> None:
         super().__init__()
         self.seen: Counter[tuple[str, str]] = Counter()
+        self.statistics: Counter[tuple[str, str]] = Counter()
 
     def __torch_dispatch__(
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
-        if func.overloadpacket.__name__ in _PRODUCTS:
+        name = func.overloadpacket.__name__
+        if name in _PRODUCTS or name in _STATISTICS:
             dtypes = {str(a.dtype).removeprefix("torch.") for a in args if isinstance(a, torch.Tensor)}
-            self.seen[(_issuer(), "/".join(sorted(dtypes)))] += 1
+            record = self.seen if name in _PRODUCTS else self.statistics
+            record[(_issuer(), "/".join(sorted(dtypes)))] += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -138,9 +149,13 @@ def _issuer() -> str:
 
 
 def _products(run: Callable[[], object]) -> Counter[tuple[str, str]]:
+    """The products `run` issues, by (issuer, dtypes); asserts on the way that its statistics are fp32."""
     recorder = _ProductDtypes()
     with recorder:
         run()
+    for (issuer, dtypes), count in recorder.statistics.items():
+        assert dtypes == "float32", f"{count} statistic(s) of {issuer} ran in {dtypes}"
+    assert recorder.statistics, "no statistics seen"
     return recorder.seen
 
 
