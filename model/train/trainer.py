@@ -352,10 +352,13 @@ class Trainer:
         if self.metrics is None:
             return
         epoch = self.data.train.epoch_of(self.step * self.options.batch_size)
-        self.metrics.append({
+        row = {
             "kind": "train", "step": self.step, "loss": loss, "lr": lr, "tokens_per_s": speed,
             "grad_norm": grad_norm, "epoch": epoch, "elapsed_s": self._elapsed(), "precision": self.precision,
-        })  # fmt: skip
+        }  # fmt: skip
+        if self.device.type == "cuda":  # peak tensor memory so far: what a bigger batch or model has left
+            row["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
+        self.metrics.append(row)
         postfix = {"loss": f"{loss:.3f}", "tok/s": f"{speed:,.0f}", "lr": f"{lr:.2e}"}
         if self.options.steps is None and self.options.time_budget_min is not None:
             postfix["left"] = f"{max(0.0, self.options.time_budget_min * 60 - self._elapsed()) / 60:.1f}m"
