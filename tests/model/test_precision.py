@@ -166,9 +166,9 @@ HOT_PATH = {
     "feed-forward": ("feedforward.forward_chunk",),
     # The kernel's scores are multiplied in _Group.__init__, its outputs and gradients in forward/backward.
     "attention kernel": (
-        "sorted_attention.__init__",
-        "sorted_attention.forward",
-        "sorted_attention.backward",
+        "chunked_attention.__init__",
+        "chunked_attention.forward",
+        "chunked_attention.backward",
     ),
     "head": ("linear_cross_entropy._chunk_logits", "linear_cross_entropy.forward", "reformer._logits"),
 }
@@ -199,7 +199,7 @@ def test_training_step_products_run_in_bf16_under_autocast() -> None:
     seen = _products(step)
     _check_bf16(seen, {**HOT_PATH, "head": HOT_PATH["head"][:2]})
     # The backward pass multiplies in bf16 too: the kernel's own backward, and the reversible recomputation.
-    assert ("sorted_attention.backward", "bfloat16") in seen
+    assert ("chunked_attention.backward", "bfloat16") in seen
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
 
 
