@@ -38,6 +38,8 @@ class Settings(BaseSettings):
 
     model_dir: Path | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    state_dtype: Literal["auto", "fp32", "bf16"] = "auto"
     torch_threads: int = Field(default=0, ge=0)
     malloc_mmap_threshold_bytes: int = Field(default=128 * 1024, ge=0, le=32 * 1024 * 1024)
 

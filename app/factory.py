@@ -73,7 +73,10 @@ def load_model(settings: Settings) -> tuple[ReformerLM, ChatTokenizer, Path]:
         )
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
-    model, tokenizer = load_checkpoint(path, device=settings.device)
+    state_dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[settings.state_dtype]
+    model, tokenizer = load_checkpoint(
+        path, device=settings.device, precision=settings.precision, state_dtype=state_dtype
+    )
     return model, tokenizer, path
 
 
@@ -151,6 +154,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             "config": model.config.to_dict(),
             "parameters": model.num_parameters(),
             "identity": identity,
+            "precision": model.precision,
+            "state_dtype": str(model.decode_state_dtype).removeprefix("torch."),
         }
         app.state.services = Services(
             settings=settings,
@@ -175,10 +180,12 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         waiting = asyncio.create_task(_wait_for_redis(store, _without_password(target.url)))
         stack.push_async_callback(_cancel, waiting)
         logger.info(
-            "serving %s (%d parameters) on %s; Redis %s",
+            "serving %s (%d parameters) on %s in %s (decode state %s); Redis %s",
             checkpoint,
             model_info["parameters"],
             engine.device,
+            model_info["precision"],
+            model_info["state_dtype"],
             "embedded" if settings.redis_url is None else "Cluster" if target.cluster else "at REDIS_URL",
         )
         yield

@@ -207,6 +207,13 @@ class SweepOptions:
 
 def add_common_args(parser: argparse.ArgumentParser, default_out: str) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument(
+        "--precisions",
+        nargs="+",
+        default=["fp32", "bf16"],
+        choices=["fp32", "bf16"],
+        help="run every subject in each: fp32, and bf16 (autocast; ours also with bf16 decode weights)",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads in each child (CPU)")
     parser.add_argument("--quick", action="store_true", help="small smoke run: short lengths, one rep")
     parser.add_argument("--out", type=Path, default=Path(default_out), help="JSON path; the PNG goes beside")
@@ -245,6 +252,10 @@ def sweep_options(args: argparse.Namespace) -> SweepOptions:
     )
 
 
+# What makes cells one series (one line of a plot), apart from the swept size.
+SERIES_KEYS = ("model", "mode", "precision")
+
+
 def sweep(
     target: str,
     specs: list[dict[str, Any]],
@@ -256,9 +267,9 @@ def sweep(
 ) -> list[dict[str, Any]]:
     """Run each spec in its own child, in order, skipping what earlier sizes show cannot fit.
 
-    Specs of one series (same ``model`` and ``mode``) must come in increasing ``x_key``: the last two
-    results predict the next one's step time and peak memory (power law), and a series that was skipped
-    or failed at a smaller size is not retried at a bigger one. ``reps`` fixes the timed repetitions after
+    Specs of one series (same SERIES_KEYS) must come in increasing ``x_key``: the last two results predict
+    the next one's step time and peak memory (power law), and a series that was skipped or failed at a
+    smaller size is not retried at a bigger one. ``reps`` fixes the timed repetitions after
     the cold step (0: time only the cold step) instead of planning them from the predicted step time.
     ``done`` holds rows of an earlier run of the same command (--resume): a measured cell is kept as it is,
     a skipped one is judged again under the current limits.
@@ -277,7 +288,7 @@ def sweep(
         # Earlier sizes of this series, from this invocation or the run it resumes, smallest first.
         seen = [r for r in rows + (done or []) if r[x_key] < spec[x_key]]
         series = sorted(
-            (r for r in seen if (r["model"], r.get("mode")) == (spec["model"], spec.get("mode"))),
+            (r for r in seen if all(r.get(k) == spec.get(k) for k in SERIES_KEYS)),
             key=lambda r: r[x_key],
         )
         x = spec[x_key]
@@ -308,7 +319,7 @@ def sweep(
         on_row(row)
     # Cells of the earlier run that this invocation did not ask for (a narrower --models/--lengths) stay.
     for old in done or []:
-        if not any(all(r.get(k) == old.get(k) for k in ("model", "mode", x_key)) for r in rows):
+        if not any(all(r.get(k) == old.get(k) for k in (*SERIES_KEYS, x_key)) for r in rows):
             rows.append(old)
             on_row(old)
     return rows
@@ -325,10 +336,22 @@ def start_payload(args: argparse.Namespace, benchmark: str, **extra: Any) -> tup
     return {"benchmark": benchmark, **extra, "environment": env, "rows": []}, []
 
 
+def autocast(spec: dict[str, Any], device: torch.device) -> torch.autocast:
+    """The cell's precision as an autocast context (disabled for fp32; rows from before the precision axis
+    are fp32)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.get("precision") == "bf16")
+
+
+def label(row: dict[str, Any]) -> str:
+    """A subject and its precision, as tables and plots name a series: "hf bf16"."""
+    return f"{row['model']} {row.get('precision', 'fp32')}"
+
+
 def find(rows: list[dict[str, Any]], **match: Any) -> dict[str, Any] | None:
-    """The row whose fields equal ``match`` (None when that case is not in the run)."""
+    """The row whose fields equal ``match`` (None when that case is not in the run); a row without a
+    precision (measured before the precision axis) is fp32."""
     for row in rows:
-        if all(row.get(k) == v for k, v in match.items()):
+        if all(row.get(k, "fp32" if k == "precision" else None) == v for k, v in match.items()):
             return row
     return None
 

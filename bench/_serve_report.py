@@ -134,12 +134,14 @@ def memory_table(memory: list[dict[str, Any]]) -> str:
 
 
 def crowd_table(rows: list[dict[str, Any]]) -> str:
-    base = rows[0]["tokens_per_s"] if rows else None
     body = []
     for r in rows:
+        # "x one": against one conversation on the same server (same precision).
+        base = next((b["tokens_per_s"] for b in rows if b.get("precision") == r.get("precision")), None)
         ttft, itl = r["ttft_s"], r["itl_s"]
         body.append(
             [
+                r.get("precision", "-"),
                 str(r["conversations"]),
                 f"{r['tokens_per_s']:.1f}",
                 _ratio(r["tokens_per_s"], base),
@@ -150,6 +152,7 @@ def crowd_table(rows: list[dict[str, Any]]) -> str:
             ]
         )
     headers = [
+        "precision",
         "conversations",
         "tokens/s",
         "x one",

@@ -13,7 +13,8 @@ baselines people run today, all against live `python -m app` servers driven over
      cached), and "full-refeed": that model re-fed from scratch every turn, the stateless transformer.
    A measured turn is a 20-token message and a 32-token reply (reply-ending tokens banned).
 2. Concurrency: 1, 4, 16, 64 conversations each run back-to-back turns at once; aggregate tokens/s,
-   TTFT and inter-token latency percentiles, errors.
+   TTFT and inter-token latency percentiles, errors; once per --precisions (PRECISION of the server:
+   fp32, bf16), side by side.
 3. Redis: time per operation and per turn, from the servers' own Prometheus histograms.
 """
 
@@ -90,7 +91,7 @@ class Bench:
         cache_bytes = (FULL_CACHE_BYTES if full else 256 << 20) if cache else 0
         # A "cold" turn here is the rebuild from the stored ids; resuming from a snapshot is
         # bench/resume.py's subject.
-        env = {"SNAPSHOTS_ENABLED": "false", **(env or {})}
+        env = {"SNAPSHOTS_ENABLED": "false", "PRECISION": self.args.precisions[0], **(env or {})}
         return ServerSpec(name, model_dir, cache_bytes, self.args.threads, max_running, env)
 
     def start(self, spec: ServerSpec) -> ServerProcess:
@@ -209,12 +210,16 @@ class Bench:
     def crowd(self) -> None:
         """Many conversations at once, each taking back-to-back turns."""
         args = self.args
-        server = self.start(self.spec("stateful-crowd", max_running=max(args.concurrency)))
-        try:
-            for count in args.concurrency:
-                self.concurrency.append(self._crowd(server, count))
-        finally:
-            server.stop()
+        for precision in args.precisions:
+            spec = self.spec(
+                f"stateful-crowd-{precision}", max_running=max(args.concurrency), env={"PRECISION": precision}
+            )
+            server = self.start(spec)
+            try:
+                for count in args.concurrency:
+                    self.concurrency.append({**self._crowd(server, count), "precision": precision})
+            finally:
+                server.stop()
 
     def _crowd(self, server: ServerProcess, count: int) -> dict[str, Any]:
         sessions = [create_session(server) for _ in range(count)]
@@ -327,6 +332,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--concurrency", type=ints, default=[1, 4, 16, 64])
     parser.add_argument("--crowd-turns", type=int, default=2, help="turns per conversation in phase 2")
     parser.add_argument("--threads", type=int, default=1, help="TORCH_THREADS of the servers")
+    parser.add_argument(
+        "--precisions",
+        type=lambda text: [p for p in text.split(",") if p],
+        default=["auto"],
+        help="PRECISION of the servers (auto, fp32, bf16); the crowd phase runs once per entry, the other "
+        "phases use the first",
+    )
     parser.add_argument("--phases", default="flat,full,crowd")
     parser.add_argument("--redis-url", help="use this Redis instead of starting one (keys under bench:...)")
     parser.add_argument("--out", default=str(REPO_ROOT / "bench" / "results"))

@@ -94,9 +94,11 @@ class LocalAttention(_QKVAttention):
         all_k = torch.cat((state.keys, k.to(state.keys.dtype)), dim=2)  # (B, H, W + 1, D)
         all_v = torch.cat((state.values, v.to(state.values.dtype)), dim=2)
         all_pos = torch.cat((state.positions, positions), dim=1)  # (B, W + 1)
-        scores = torch.matmul(q.float(), all_k.float().transpose(-1, -2)) * D**-0.5  # (B, H, 1, W + 1)
+        # Products in the compute dtype (bf16 under autocast) as in the chunked path, softmax in float32.
+        scores = torch.matmul(q, all_k.to(q.dtype).transpose(-1, -2)).float() * D**-0.5  # (B, H, 1, W + 1)
         scores = scores.masked_fill((all_pos < 0)[:, None, None, :], float("-inf"))
-        out = torch.matmul(torch.softmax(scores, dim=-1), all_v.float())  # (B, H, 1, D)
+        probs = torch.softmax(scores, dim=-1).to(q.dtype)
+        out = torch.matmul(probs, all_v.to(q.dtype)).float()  # (B, H, 1, D)
         # Shift the window in place: a state that is a view of a batch pool stays one (no copy back).
         state.keys.copy_(all_k[:, :, 1:])
         state.values.copy_(all_v[:, :, 1:])

@@ -29,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_model
 
 from model.config import LEGACY_DEFAULTS, ReformerConfig
+from model.precision import resolve_precision
 from model.reformer import ReformerLM
 from model.tokenizer import ChatTokenizer
 
@@ -209,9 +210,15 @@ def load_checkpoint(
     path: str | os.PathLike[str],
     device: str | torch.device = "auto",
     *,
+    precision: str = "fp32",
+    state_dtype: torch.dtype | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> tuple[ReformerLM, ChatTokenizer]:
     """Load a checkpoint directory as (model in eval mode on `device`, tokenizer).
+
+    `precision` is "fp32", "bf16" or "auto" (model/precision.py): in bf16 the weights that decoding
+    multiplies are held in bf16 and every call runs under bf16 autocast (ReformerLM.set_inference_precision,
+    which also says what `state_dtype` does); the chosen one is `model.precision`.
 
     `overrides` may change execution-only config fields (EXECUTION_FIELDS, e.g. reversible=False for
     serving); fields that shape the weights cannot be overridden, since the weights would not fit.
@@ -235,7 +242,9 @@ def load_checkpoint(
     model = ReformerLM(config)
     _check_weights(weights_file, tensors, model)
     model.load_state_dict(tensors, strict=False)
-    model.to(resolve_device(device))
+    target = resolve_device(device)
+    model.to(target)
+    model.set_inference_precision(resolve_precision(precision, target), state_dtype)
     model.eval()
     return model, tokenizer
 

@@ -14,6 +14,11 @@ group's rows from the unsorted inputs by index, writes outputs straight back to 
 order, and in backward recomputes the group's probabilities (as flash attention does) and adds the
 gradients into the inputs' rows. A training step's attention memory is then the inputs, the outputs and
 index tensors, nothing sequence-times-window sized.
+
+Precision: the matrix products run in the compute dtype, which is autocast's (bf16) when autocast is on for
+the inputs' device and the inputs' own dtype otherwise; the scores' mask, logsumexp and softmax, the outputs'
+accumulation and the gradients' accumulation are float32 (float64 for float64 inputs) whatever the autocast.
+The kernel casts explicitly with autocast off, so forward and backward round the same way.
 """
 
 from __future__ import annotations
@@ -23,8 +28,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-from .autocast import Autocast
 
 # Sort key = bucket * _POSITION_SPAN + position; positions stay far below 2**40.
 _POSITION_SPAN = 1 << 40
@@ -102,19 +105,22 @@ class ChunkAttention(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor]:
         B, H, R, _ = source.shape
         N, D = q.shape[-2:]
+        ctx.input_dtypes = (q.dtype, k.dtype, v.dtype)
+        compute = _compute_dtype(q)
+        q, k, v = (t.to(compute) for t in (q, k, v))  # cast once, then gather half the bytes in bf16
         rows = _Rows(B, H, R, q.shape[2], q.device)
         out = q.new_zeros((B, H, R, N + 1, D), dtype=_exact(q.dtype))
         lse = q.new_zeros((B, H, R, N + 1), dtype=_exact(q.dtype))
-        for first, last in _groups(source.shape, bucket_size):
-            group = _Group(q, k, v, source, buckets, rows, first, last, bucket_size, self_score)
-            where = rows.output(target[..., group.queries])
-            out[where] = (group.probs @ group.values).flatten(3, 4).to(out.dtype)
-            lse[where] = group.lse.flatten(3, 4).to(lse.dtype)
+        with torch.autocast(q.device.type, enabled=False):
+            for first, last in _groups(source.shape, bucket_size):
+                group = _Group(q, k, v, source, buckets, rows, first, last, bucket_size, self_score)
+                where = rows.output(target[..., group.queries])
+                out[where] = (group.probs.to(compute) @ group.values).flatten(3, 4).to(out.dtype)
+                lse[where] = group.lse.flatten(3, 4).to(lse.dtype)
+        # The backward pass recomputes the probabilities from these (already cast) inputs, exactly as
+        # this pass computed them.
         ctx.save_for_backward(q, k, v, source, target, buckets, out)
         ctx.bucket_size, ctx.self_score = bucket_size, self_score
-        # The backward pass recomputes the probabilities: it must compute the scores exactly as this pass
-        # did, so it re-enters this pass's autocast setting.
-        ctx.autocast = Autocast.capture(q.device)
         return out[..., :N, :], lse[..., :N]
 
     @staticmethod
@@ -124,8 +130,9 @@ class ChunkAttention(torch.autograd.Function):
         B, H, R, _ = source.shape
         N = q.shape[-2]
         rows = _Rows(B, H, R, q.shape[2], q.device)
+        compute = q.dtype
         d_q, d_k, d_v = (torch.zeros_like(t, dtype=_exact(t.dtype)) for t in (q, k, v))
-        with ctx.autocast.context():
+        with torch.autocast(q.device.type, enabled=False):
             for first, last in _groups(source.shape, S):
                 group = _Group(q, k, v, source, buckets, rows, first, last, S, ctx.self_score)
                 c = last - first
@@ -136,18 +143,21 @@ class ChunkAttention(torch.autograd.Function):
                 g_lse = (d_lse[where].to(out.dtype) * real[..., 0]).unflatten(3, (c, S))[..., None]
                 # d(score) = p * (d(p) - sum_j p_j d(p_j) + d(lse)); that sum is d_out . out per query.
                 delta = (g_out * out[rows.output(owner)].unflatten(3, (c, S))).sum(-1, keepdim=True)
-                d_scores = group.probs * (g_out @ group.values.transpose(-1, -2) - delta + g_lse)
+                g_probs = (g_out.to(compute) @ group.values.transpose(-1, -2)).to(out.dtype)
+                d_scores = group.probs * (g_probs - delta + g_lse)
                 if ctx.self_score is not None:
                     d_scores[..., _self_slot(S, q.device)] = 0.0  # the own slot's score is a constant
+                d_scores = d_scores.to(compute)
                 d_keys = d_scores.transpose(-1, -2) @ group.q  # (B, H, R, c, 2S, D): previous, own chunk
-                d_values = group.probs.transpose(-1, -2) @ g_out
+                d_values = group.probs.to(compute).transpose(-1, -2) @ g_out.to(compute)
                 own = source[..., group.queries]
                 previous = source[..., first * S : last * S]
                 _add_rows(d_q, rows.input(own), d_scores @ group.k)
                 for grad, pair_grad in ((d_k, d_keys), (d_v, d_values)):
                     _add_rows(grad, rows.input(previous), pair_grad[..., :S, :])
                     _add_rows(grad, rows.input(own), pair_grad[..., S:, :])
-        return d_q.to(q.dtype), d_k.to(k.dtype), d_v.to(v.dtype), None, None, None, None, None
+        q_dtype, k_dtype, v_dtype = ctx.input_dtypes
+        return d_q.to(q_dtype), d_k.to(k_dtype), d_v.to(v_dtype), None, None, None, None, None
 
 
 class _Rows:
@@ -168,8 +178,9 @@ class _Rows:
 
 
 class _Group:
-    """Chunks first..last-1 of the sorted order: their queries, keys and values gathered from the inputs,
-    and their attention probabilities (B, H, R, c, S, 2S) and logsumexps (B, H, R, c, S)."""
+    """Chunks first..last-1 of the sorted order: their queries, keys and values gathered from the inputs
+    (in the inputs' dtype, the compute dtype), and their attention probabilities (B, H, R, c, S, 2S) and
+    logsumexps (B, H, R, c, S) in float32 (float64 for float64 inputs)."""
 
     def __init__(
         self,
@@ -185,19 +196,18 @@ class _Group:
         self_score: float | None,
     ) -> None:
         c = last - first
-        dtype = _exact(q.dtype)
         # Slot chunk 0 is the padding in front, so query chunk i is slot chunk i + 1 and its previous chunk
         # is slot chunk i.
         self.queries = slice((first + 1) * S, (last + 1) * S)
         keys = slice(first * S, (last + 1) * S)  # c + 1 slot chunks: each query chunk's previous and own
-        self.q = q[rows.input(source[..., self.queries])].to(dtype).unflatten(3, (c, S))  # (B, H, R, c, S, D)
+        self.q = q[rows.input(source[..., self.queries])].unflatten(3, (c, S))  # (B, H, R, c, S, D)
         key_rows = rows.input(source[..., keys])
-        self.k = _pairs(k[key_rows].to(dtype), c, S)  # (B, H, R, c, 2S, D)
-        self.values = _pairs(v[key_rows].to(dtype), c, S)
+        self.k = _pairs(k[key_rows], c, S)  # (B, H, R, c, 2S, D)
+        self.values = _pairs(v[key_rows], c, S)
         bucket_q = buckets[..., self.queries].unflatten(3, (c, S))  # (B, H, R, c, S)
         bucket_k = _pairs(buckets[..., keys][..., None], c, S)[..., 0]  # (B, H, R, c, 2S)
 
-        scores = self.q @ self.k.transpose(-1, -2)  # (B, H, R, c, S, 2S)
+        scores = (self.q @ self.k.transpose(-1, -2)).to(_exact(q.dtype))  # (B, H, R, c, S, 2S)
         # Rank distance from query i (own chunk) to key j (previous chunk then own chunk).
         distance = torch.arange(S, device=q.device)[:, None] + S - torch.arange(2 * S, device=q.device)
         # LSH: the S keys before the query, itself only at a constant score. Local: itself too, by its score.
@@ -225,6 +235,14 @@ def _pairs(x: Tensor, c: int, S: int) -> Tensor:
 def _exact(dtype: torch.dtype) -> torch.dtype:
     """The dtype attention is accumulated in: float32, or the input's if wider."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype of the matrix products: autocast's for float32 inputs when it is on, else the input's."""
+    kind = x.device.type
+    if x.dtype == torch.float32 and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return x.dtype
 
 
 def _groups(shape: torch.Size, bucket_size: int) -> list[tuple[int, int]]:

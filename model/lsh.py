@@ -33,19 +33,25 @@ from .state import LSHLayerState
 def hash_buckets(qk: Tensor, rotations: Tensor) -> Tensor:
     """Angular LSH: bucket = argmax([xR; -xR]) for each head and round.
 
-    qk (B, H, L, D), rotations (H, R, D, NB/2) -> buckets (B, H, R, L) int64.
+    qk (B, H, L, D), rotations (H, R, D, NB/2) -> buckets (B, H, R, L) int64. In float32 whatever the
+    autocast: a bf16 rotation would move near-tied tokens to other buckets than the fp32 one the model
+    was trained with, and a bucket is all or nothing for the keys a query sees.
     """
-    rotated = torch.einsum("bhld,hrdk->bhrlk", qk.float(), rotations.float())  # (B, H, R, L, NB/2)
-    return torch.cat((rotated, -rotated), dim=-1).argmax(dim=-1)
+    with torch.autocast(qk.device.type, enabled=False):
+        rotated = torch.einsum("bhld,hrdk->bhrlk", qk.float(), rotations.float())  # (B, H, R, L, NB/2)
+        return torch.cat((rotated, -rotated), dim=-1).argmax(dim=-1)
 
 
 def combine_rounds(out: Tensor, lse: Tensor) -> Tensor:
     """Weight each round's output by its share of the total attention mass.
 
-    out (B, H, R, T, D), lse (B, H, R, T) -> (B, H, T, D)
+    out (B, H, R, T, D), lse (B, H, R, T) -> (B, H, T, D) in out's dtype; the weights and the weighted sum
+    are float32 (or wider) whatever the autocast.
     """
-    weights = torch.softmax(lse, dim=2)  # (B, H, R, T): exp(lse_r) / sum_r exp(lse_r)
-    return (out * weights[..., None].to(out.dtype)).sum(dim=2)
+    exact = torch.promote_types(lse.dtype, torch.float32)
+    with torch.autocast(out.device.type, enabled=False):
+        weights = torch.softmax(lse.to(exact), dim=2)  # (B, H, R, T): exp(lse_r) / sum_r exp(lse_r)
+        return (out.to(exact) * weights[..., None]).sum(dim=2).to(out.dtype)
 
 
 class LSHAttention(nn.Module):
@@ -175,19 +181,21 @@ class LSHAttention(nn.Module):
         window_v = values[read].view(B, H, R, S, D)
         window_pos = slot_pos[read].view(B, H, R, S)
 
-        query = q[:, :, 0].float()  # (B, H, D)
-        scores = torch.einsum("bhd,bhrsd->bhrs", query, window_k.float())  # (B, H, R, S)
+        # Products in the compute dtype (bf16 under autocast) as in the chunked path, statistics in float32.
+        query = q[:, :, 0]  # (B, H, D)
+        scores = torch.einsum("bhd,bhrsd->bhrs", query, window_k.to(query.dtype)).float()  # (B, H, R, S)
         scores = scores.masked_fill(window_pos < 0, float("-inf"))
         if self.shared_qk:  # its own key only when there is nothing else
             own = torch.full_like(scores[..., :1], self.self_score)
         else:  # its own key, always, at its real score
-            own = torch.einsum("bhd,bhd->bh", query, k[:, :, 0].float())[:, :, None, None].expand(B, H, R, 1)
+            own_score = torch.einsum("bhd,bhd->bh", query, k[:, :, 0].to(query.dtype)).float()  # (B, H)
+            own = own_score[:, :, None, None].expand(B, H, R, 1)
         scores = torch.cat((scores, own), dim=-1)  # (B, H, R, S + 1)
         lse = torch.logsumexp(scores, dim=-1, keepdim=True)
         probs = torch.exp(scores - lse)
         v_new = v[:, :, None].expand(-1, -1, R, -1, -1).to(window_v.dtype)  # (B, H, R, 1, D)
         all_v = torch.cat((window_v, v_new), dim=3)  # (B, H, R, S + 1, D)
-        out = torch.einsum("bhrs,bhrsd->bhrd", probs, all_v.float())
+        out = torch.einsum("bhrs,bhrsd->bhrd", probs.to(all_v.dtype), all_v).float()
         combined = combine_rounds(out[:, :, :, None].to(v.dtype), lse)  # (B, H, 1, D)
 
         # Append to the key's bucket: drop its oldest slot, the new token becomes slot S-1.

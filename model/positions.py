@@ -27,9 +27,11 @@ class Rotary(nn.Module):
         exponents = torch.arange(0, self.d_head, 2, dtype=torch.float64, device=x.device) / self.d_head
         inv_freq = self.base**-exponents  # (D/2,)
         angles = positions.to(torch.float64)[..., None] * inv_freq  # (B, L, D/2)
-        cos = angles.cos().to(x.dtype)[:, None]  # (B, 1, L, D/2)
-        sin = angles.sin().to(x.dtype)[:, None]
-        x1, x2 = x[..., 0::2], x[..., 1::2]  # (B, H, L, D/2) each
+        # The rotation itself in float32 (or wider) even for bf16 inputs: one rounding, at the end.
+        exact = torch.promote_types(x.dtype, torch.float32)
+        cos = angles.cos().to(exact)[:, None]  # (B, 1, L, D/2)
+        sin = angles.sin().to(exact)[:, None]
+        x1, x2 = x[..., 0::2].to(exact), x[..., 1::2].to(exact)  # (B, H, L, D/2) each
         # (x1 + i x2) * (cos + i sin)
         out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (B, H, L, D/2, 2)
-        return out.flatten(-2)
+        return out.flatten(-2).to(x.dtype)

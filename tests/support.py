@@ -83,10 +83,12 @@ def delete_prefix(prefix: str, url: str = TEST_REDIS_URL) -> None:
 
 
 def make_settings(checkpoint: Path, **overrides: Any) -> Settings:
-    """Settings for a test server: tiny limits, one torch thread, never reading a stray .env file."""
+    """Settings for a test server: tiny limits, one torch thread, never reading a stray .env file, fp32
+    (tests compare replies with the fp32 model; PRECISION=auto would pick by the machine's CPU)."""
     values: dict[str, Any] = {
         "model_dir": checkpoint,
         "device": "cpu",
+        "precision": "fp32",
         "torch_threads": 1,
         "redis_url": TEST_REDIS_URL,
         "redis_key_prefix": new_prefix(),

@@ -75,6 +75,7 @@ async def info(services: ServicesDep, _: AdminDep) -> dict[str, Any]:
         "version": _version(),
         "uptime_seconds": round(time.monotonic() - services.started_at, 3),
         "device": str(services.engine.device),
+        "precision": services.model_info["precision"],
         "checkpoint": str(services.checkpoint),
         "model": services.model_info,
         "state_cache": {"entries": len(cache), "bytes": cache.nbytes, "budget_bytes": cache.budget_bytes},

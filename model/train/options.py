@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from model.config import ReformerConfig
+from model.precision import PRECISIONS
 
 PRESETS = ("tiny", "small", "base")
 
@@ -71,6 +72,10 @@ class TrainOptions:
     data_limit: int | None = None
     resume: bool = False
     device: str = "auto"
+    # bf16 autocast with fp32 master weights where the hardware multiplies bf16 natively (CUDA, AMX or
+    # AVX-512 BF16 CPUs), fp32 elsewhere (model/precision.py). Not a trajectory option: a run may resume in
+    # another precision, as on another device.
+    precision: str = "auto"
     threads: int | None = None
 
     def __post_init__(self) -> None:
@@ -87,6 +92,8 @@ class TrainOptions:
             raise ValueError(f"--time-budget-min must be > 0, got {self.time_budget_min}")
         if self.warmup_steps < 0 or self.grad_clip < 0:
             raise ValueError("--warmup-steps and --grad-clip must be >= 0 (0 turns them off)")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.test_batches is not None and self.test_batches < 1:
             raise ValueError(f"--test-batches must be >= 1, got {self.test_batches}")
 
@@ -183,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("run").add_argument
     run("--resume", action="store_true", help="continue the run in --out from train_state.pt")
     run("--device", choices=("auto", "cpu", "cuda"), default="auto", help="(default %(default)s)")
+    run(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="matrix products in bf16 (autocast, fp32 master weights) or fp32; auto: bf16 where the CUDA "
+        "GPU or the CPU (AMX, AVX-512 BF16) multiplies bf16 natively (default %(default)s)",
+    )
     run("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     return parser
 

@@ -19,6 +19,9 @@ Choices, and why:
   the best checkpoint, the one that ships.
 - **Evaluation never touches the training RNG** (fork_rng), so how often one evaluates does not change what
   is trained.
+- **--precision auto** trains in bf16 (autocast: bf16 matrix products, fp32 master weights, optimizer and
+  loss reductions) where the hardware multiplies bf16 natively, fp32 elsewhere; every metrics row and
+  training.json record which one ran.
 - **--time-budget-min** stops at the first step boundary after the budget, then still evaluates, saves and
   measures test perplexity. Without --steps the cosine decay follows elapsed time instead of steps.
 """
@@ -45,6 +48,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from model.checkpoint import WEIGHTS_FILE, save_checkpoint, update_training_info
 from model.config import ReformerConfig
+from model.precision import autocast, resolve_precision
 from model.reformer import ReformerLM
 from model.train.data import prepare_run_data
 from model.train.distributed import DistContext, init_distributed
@@ -95,6 +99,7 @@ class Trainer:
         self.ctx = ctx
         self.run_dir = options.out
         self.device = ctx.device
+        self.precision = resolve_precision(options.precision, self.device)
         self.micro_batch = options.micro_batch_size(ctx.world_size)
         self.stop = StopSignal()
         self.saved: dict[str, Any] | None = None
@@ -121,11 +126,9 @@ class Trainer:
             self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", self.step if self.saved else None)
         self.schedule = WarmupCosine(options.lr, options.warmup_steps)
 
-    def _autocast(self) -> contextlib.AbstractContextManager[None]:
-        """bf16 autocast on CUDA (fp32 weights and optimizer, bf16 matmuls); full fp32 on the CPU."""
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+    def _autocast(self) -> torch.autocast:
+        """bf16: autocast (fp32 weights and optimizer, bf16 matrix products); fp32: nothing changes."""
+        return autocast(self.precision, self.device)
 
     # ---- setup ----------------------------------------------------------------------------------------
     def _build_model(self) -> None:
@@ -164,7 +167,12 @@ class Trainer:
         self.train_module = module
         self._ddp_warm = False
         if self.ctx.is_main:
-            logger.info("model: %s parameters, %s", f"{self.model.num_parameters():,}", config.to_dict())
+            logger.info(
+                "model: %s parameters, precision %s, %s",
+                f"{self.model.num_parameters():,}",
+                self.precision,
+                config.to_dict(),
+            )
 
     # ---- one optimizer step ---------------------------------------------------------------------------
     def _lr(self, elapsed: float) -> float:
@@ -227,7 +235,10 @@ class Trainer:
     def _evaluate_and_save(self) -> None:
         # The loss is reduced over ranks, so every rank takes the same "is it the best?" decision.
         val_loss = self.evaluate(self.data.valid, self.data.valid_index)
-        row = {"kind": "eval", "step": self.step, "val_loss": val_loss, "val_ppl": _perplexity(val_loss)}
+        row = {
+            "kind": "eval", "step": self.step, "val_loss": val_loss, "val_ppl": _perplexity(val_loss),
+            "precision": self.precision,
+        }  # fmt: skip
         self.last_eval_step = self.step
         improved = val_loss < self.best_val
         if improved:
@@ -261,6 +272,7 @@ class Trainer:
             },
             "world_size": self.ctx.world_size,
             "device": str(self.device),
+            "precision": self.precision,
             "parameters": self.model.num_parameters(),
             "options": opts.to_dict(),
         }
@@ -340,10 +352,13 @@ class Trainer:
         if self.metrics is None:
             return
         epoch = self.data.train.epoch_of(self.step * self.options.batch_size)
-        self.metrics.append({
+        row = {
             "kind": "train", "step": self.step, "loss": loss, "lr": lr, "tokens_per_s": speed,
-            "grad_norm": grad_norm, "epoch": epoch, "elapsed_s": self._elapsed(),
-        })  # fmt: skip
+            "grad_norm": grad_norm, "epoch": epoch, "elapsed_s": self._elapsed(), "precision": self.precision,
+        }  # fmt: skip
+        if self.device.type == "cuda":  # peak tensor memory so far: what a bigger batch or model has left
+            row["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
+        self.metrics.append(row)
         postfix = {"loss": f"{loss:.3f}", "tok/s": f"{speed:,.0f}", "lr": f"{lr:.2e}"}
         if self.options.steps is None and self.options.time_budget_min is not None:
             postfix["left"] = f"{max(0.0, self.options.time_budget_min * 60 - self._elapsed()) / 60:.1f}m"
@@ -363,7 +378,10 @@ class Trainer:
         test_loss = self.evaluate(self.data.test, self.data.test_index)
         test_ppl = _perplexity(test_loss)
         if self.metrics is not None:
-            row = {"kind": "test", "step": self.best_step, "test_loss": test_loss, "test_ppl": test_ppl}
+            row = {
+                "kind": "test", "step": self.best_step, "test_loss": test_loss, "test_ppl": test_ppl,
+                "precision": self.precision,
+            }  # fmt: skip
             self.metrics.append(row)
             update_training_info(checkpoint_dir, {"test_loss": test_loss, "test_ppl": test_ppl})
             plot_loss_curve(self.metrics, self.run_dir / "loss.png", title=self.run_dir.name)

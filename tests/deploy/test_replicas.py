@@ -39,6 +39,7 @@ def replica_environment(checkpoint: Path, prefix: str, data_dir: Path) -> dict[s
     env.update(
         MODEL_DIR=str(checkpoint),
         DEVICE="cpu",
+        PRECISION="fp32",  # replicas are compared token for token; auto would pick by the CPU
         TORCH_THREADS="1",
         OMP_NUM_THREADS="1",
         REDIS_URL=TEST_REDIS_URL,

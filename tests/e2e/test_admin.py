@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,7 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support import LiveServerFactory, quiet_params
+from model import ChatTokenizer
+from tests.support import LiveServerFactory, endless_params, quiet_params
 
 ADMIN = {"Authorization": "Bearer admin-token"}
 
@@ -83,11 +85,29 @@ def test_metrics_count_what_a_turn_did(base_url: str) -> None:
 def test_info_describes_the_model(base_url: str, tiny_checkpoint: Path) -> None:
     info = httpx.get(f"{base_url}/admin/info", headers=ADMIN).json()
     assert info["device"] == "cpu"
+    assert info["precision"] == "fp32" and info["model"]["state_dtype"] == "float32"
     assert info["checkpoint"] == str(tiny_checkpoint)
     assert info["model"]["config"]["attn_layers"] == ["local", "lsh"]
     assert info["model"]["parameters"] > 0
     assert info["uptime_seconds"] >= 0 and info["version"]
     assert info["auth"] == {"api_keys": False, "admin_token": True}
+
+
+def test_bf16_serving_says_so_and_answers(
+    live_server: LiveServerFactory, tokenizer: ChatTokenizer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PRECISION=bf16: /admin/info and the startup line say bf16, and a turn is answered."""
+    caplog.set_level(logging.INFO, logger="app")
+    with live_server(precision="bf16") as live:
+        info = httpx.get(f"{live.url}/admin/info").json()
+        assert info["precision"] == "bf16" and info["model"]["state_dtype"] == "bfloat16"
+        session = httpx.post(f"{live.url}/v1/sessions").json()["session_id"]
+        body = {"content": "Hi! How was your day?", **endless_params(tokenizer, 8)}
+        reply = httpx.post(f"{live.url}/v1/sessions/{session}/messages", json=body, timeout=60)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["usage"]["completion_tokens"] == 8
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("serving ")]
+    assert " in bf16 (decode state bfloat16)" in line
 
 
 def test_without_an_admin_token_metrics_are_open(live_server: LiveServerFactory) -> None:

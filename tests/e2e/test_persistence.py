@@ -24,7 +24,7 @@ def app_process(checkpoint: Path, data_dir: Path, log: Path, *, graceful: bool =
     """`python -m app --port 0` as a user would run it; yields the URL it prints."""
     env = {k: v for k, v in os.environ.items() if k not in {"REDIS_URL", "API_KEYS", "ADMIN_TOKEN"}}
     env.update(MODEL_DIR=str(checkpoint), DATA_DIR=str(data_dir), TORCH_THREADS="1", LOG_LEVEL="warning",
-               MAX_NEW_TOKENS="16", DEVICE="cpu")  # fmt: skip
+               MAX_NEW_TOKENS="16", DEVICE="cpu", PRECISION="fp32")  # fmt: skip
     out = log.with_suffix(".out")
     with open(out, "w") as stdout, open(log, "w") as stderr:
         process = subprocess.Popen(

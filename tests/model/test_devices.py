@@ -34,6 +34,29 @@ def test_bf16_autocast_on_cpu_runs_and_stays_close() -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_cuda_bf16_inference_decode_agrees_with_forward() -> None:
+    """Issue 12 on CUDA: bf16 decode weights and state; decode in a prefill and single tokens gives the
+    bf16 forward pass's greedy tokens, and auto picks bf16 on a GPU that multiplies it natively."""
+    from model.precision import resolve_precision
+
+    device = torch.device("cuda")
+    assert resolve_precision("auto", device) == ("bf16" if torch.cuda.is_bf16_supported() else "fp32")
+    torch.manual_seed(0)
+    model = ReformerLM(CONFIG).to(device).eval().set_inference_precision("bf16")
+    assert model.head.weight.dtype == torch.bfloat16
+    ids = torch.randint(0, 64, (2, 90), device=device)
+    with torch.no_grad():
+        expected = model(ids)
+        state = model.init_state(2)
+        assert state.layers[1].keys.dtype == torch.bfloat16
+        pieces = [model.decode(ids[:, :60], state)]
+        pieces += [model.decode(ids[:, t : t + 1], state) for t in range(60, 90)]
+    got = torch.cat(pieces, dim=1)
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.99
+    assert ((got - expected).abs().mean() / expected.abs().mean()).item() <= 3e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 def test_cuda_decode_matches_forward() -> None:
     torch.manual_seed(0)
     model = ReformerLM(CONFIG).cuda().eval()

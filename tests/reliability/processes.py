@@ -174,6 +174,7 @@ def app_env(checkpoint: Path, redis_url: str, prefix: str, **settings: str | int
     env = {
         "MODEL_DIR": str(checkpoint),
         "DEVICE": "cpu",
+        "PRECISION": "fp32",  # as tests/support.make_settings: replies must not depend on the CPU
         "TORCH_THREADS": "1",
         "LOG_LEVEL": "warning",
         "REDIS_URL": redis_url,

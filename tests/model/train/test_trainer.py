@@ -32,12 +32,14 @@ from model.train.trainer import Trainer, main
 
 
 def _args(out: Path, tokenizer: Path, *extra: str) -> list[str]:
-    """A tiny, fast run: 12 conversations per split, 32-token windows, 4 windows per step, one thread."""
+    """A tiny, fast run: 12 conversations per split, 32-token windows, 4 windows per step, one thread, fp32
+    (runs are compared to 1e-4: one process vs DDP, resumed vs not; --precision auto would pick bf16 on a
+    CPU with AMX; bf16 training is tested in tests/model/test_precision.py)."""
     return [
         "--out", str(out), "--tokenizer", str(tokenizer), "--preset", "tiny", "--data-limit", "12",
         "--seq-len", "32", "--batch-size", "4", "--eval-batches", "1", "--test-batches", "1",
         "--log-every", "1", "--warmup-steps", "2", "--lr", "3e-3", "--threads", "1", "--device", "cpu",
-        *extra,
+        "--precision", "fp32", *extra,
     ]  # fmt: skip
 
 
