@@ -15,6 +15,8 @@ padded), so every chunk is an (S x 2S) score tile against one key pair plus each
 are at most Nq / S + Nk / S + 1 chunks. `KeyWindowAttention` gathers a group of chunks' rows by index from the
 unsorted inputs, writes outputs back in the queries' order, and in backward recomputes the group's
 probabilities and adds the gradients into the inputs' rows: nothing sequence-times-window sized is built.
+Precision as in chunked_attention.py: products in the compute dtype (bf16 under autocast), scores,
+logsumexps, probabilities and accumulators in float32, with explicit casts and autocast off.
 """
 
 from __future__ import annotations
@@ -25,8 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .autocast import Autocast
-from .chunked_attention import _POSITION_SPAN, _exact, _Rows
+from .chunked_attention import _POSITION_SPAN, _compute_dtype, _exact, _Rows
 
 # Gathered key elements (chunks x 2S keys x head dim, all batch rows, heads and rounds) one group of chunks
 # may hold at once: ~8 MB of float32 keys, as many values, whatever the sequence length.
@@ -129,22 +130,26 @@ class KeyWindowAttention(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor]:
         B, H, R, _ = chunk_pair.shape
         Nq, D = q.shape[-2:]
+        ctx.input_dtypes = (q.dtype, k.dtype, v.dtype)
+        compute = _compute_dtype(q)
+        q, k, v = (t.to(compute) for t in (q, k, v))  # cast once, then gather half the bytes in bf16
         rows = _Rows(B, H, R, k.shape[2], q.device)
         q_rows = _Rows(B, H, R, q.shape[2], q.device)
         out = q.new_zeros((B, H, R, Nq + 1, D), dtype=_exact(q.dtype))
         lse = q.new_zeros((B, H, R, Nq + 1), dtype=_exact(q.dtype))
         inputs = (q, k, v, q_source, slot_ends, slot_buckets, chunk_pair, k_source, k_slot_buckets)
-        for first, last in _groups(chunk_pair.shape, bucket_size, D):
-            group = _Group(*inputs, rows, q_rows, first, last, bucket_size, own_offset)
-            where = rows.output(group.entries.flatten(3))
-            pair_out = group.probs[..., :-1] @ group.values  # (B, H, R, c, S, D)
-            own_out = group.probs[..., -1:] * group.own_v
-            out[where] = (pair_out + own_out).flatten(3, 4).to(out.dtype)
-            lse[where] = group.lse.flatten(3, 4).to(lse.dtype)
+        with torch.autocast(q.device.type, enabled=False):
+            for first, last in _groups(chunk_pair.shape, bucket_size, D):
+                group = _Group(*inputs, rows, q_rows, first, last, bucket_size, own_offset)
+                where = rows.output(group.entries.flatten(3))
+                pair_out = group.probs[..., :-1].to(compute) @ group.values  # (B, H, R, c, S, D)
+                own_out = group.probs[..., -1:] * group.own_v
+                out[where] = (pair_out + own_out).flatten(3, 4).to(out.dtype)
+                lse[where] = group.lse.flatten(3, 4).to(lse.dtype)
+        # The backward pass recomputes the probabilities from these (already cast) inputs, exactly as this
+        # pass computed them.
         ctx.save_for_backward(*inputs, out)
         ctx.bucket_size, ctx.own_offset = bucket_size, own_offset
-        # The backward pass recomputes the probabilities exactly as this pass did: same autocast setting.
-        ctx.autocast = Autocast.capture(q.device)
         return out[..., :Nq, :], lse[..., :Nq]
 
     @staticmethod
@@ -158,8 +163,9 @@ class KeyWindowAttention(torch.autograd.Function):
         Nq, D = q.shape[-2:]
         rows = _Rows(B, H, R, k.shape[2], q.device)
         q_rows = _Rows(B, H, R, q.shape[2], q.device)
+        compute = q.dtype
         d_q, d_k, d_v = (torch.zeros_like(t, dtype=_exact(t.dtype)) for t in (q, k, v))
-        with ctx.autocast.context():
+        with torch.autocast(q.device.type, enabled=False):
             for first, last in _groups(chunk_pair.shape, S, D):
                 group = _Group(*inputs, rows, q_rows, first, last, S, ctx.own_offset)
                 real = (group.entries < Nq)[..., None]  # (B, H, R, c, S, 1)
@@ -169,13 +175,11 @@ class KeyWindowAttention(torch.autograd.Function):
                 # d(score) = p * (d(p) - sum_j p_j d(p_j) + d(lse)); that sum is d_out . out per query.
                 kept = out[rows.output(group.entries.flatten(3))].unflatten(3, group.entries.shape[3:])
                 delta = (g_out * kept).sum(-1, keepdim=True)
-                d_probs = torch.cat(
-                    (g_out @ group.values.transpose(-1, -2), (g_out * group.own_v).sum(-1, keepdim=True)),
-                    dim=-1,
-                )
+                g_pair = (g_out.to(compute) @ group.values.transpose(-1, -2)).to(out.dtype)
+                d_probs = torch.cat((g_pair, (g_out * group.own_v).sum(-1, keepdim=True)), dim=-1)
                 d_scores = group.probs * (d_probs - delta + g_lse)  # (B, H, R, c, S, 2S + 1)
-                d_pair, d_own = d_scores[..., :-1], d_scores[..., -1:]
-                d_query = d_pair @ group.k + d_own * group.own_k  # (B, H, R, c, S, D)
+                d_pair, d_own = d_scores[..., :-1].to(compute), d_scores[..., -1:]
+                d_query = (d_pair @ group.k).to(out.dtype) + d_own * group.own_k  # (B, H, R, c, S, D)
                 d_q.index_put_(
                     q_rows.input(group.q_entries.flatten(3)),
                     d_query.flatten(3, 4).to(d_q.dtype),
@@ -184,12 +188,14 @@ class KeyWindowAttention(torch.autograd.Function):
                 pair_rows = rows.input(group.k_entries.flatten(3))
                 d_k.index_put_(
                     pair_rows,
-                    (d_pair.transpose(-1, -2) @ group.q).flatten(3, 4).to(d_k.dtype),
+                    (d_pair.transpose(-1, -2) @ group.q).flatten(3, 4).to(d_k.dtype),  # compute dtype
                     accumulate=True,
                 )
                 d_v.index_put_(
                     pair_rows,
-                    (group.probs[..., :-1].transpose(-1, -2) @ g_out).flatten(3, 4).to(d_v.dtype),
+                    (group.probs[..., :-1].to(compute).transpose(-1, -2) @ g_out.to(compute))
+                    .flatten(3, 4)
+                    .to(d_v.dtype),
                     accumulate=True,
                 )
                 own_rows = rows.input(group.own_entries.flatten(3))
@@ -197,7 +203,8 @@ class KeyWindowAttention(torch.autograd.Function):
                 d_v.index_put_(
                     own_rows, (group.probs[..., -1:] * g_out).flatten(3, 4).to(d_v.dtype), accumulate=True
                 )
-        return d_q.to(q.dtype), d_k.to(k.dtype), d_v.to(v.dtype), *([None] * 8)
+        q_dtype, k_dtype, v_dtype = ctx.input_dtypes
+        return d_q.to(q_dtype), d_k.to(k_dtype), d_v.to(v_dtype), *([None] * 8)
 
 
 class _Group:
@@ -231,9 +238,8 @@ class _Group:
         self.entries = q_source[..., queries].unflatten(3, (c, S))  # (B, H, R, c, S)
         self.q_entries = self.entries.clamp(max=Nq - 1)  # padding reads the last query; its output is dropped
         self.own_entries = own_offset + self.q_entries
-        self.q = (
-            q[q_rows.input(self.q_entries.flatten(3))].to(dtype).unflatten(3, (c, S))
-        )  # (B, H, R, c, S, D)
+        # Gathered in the inputs' dtype (the compute dtype); the own key and value, used elementwise, widened.
+        self.q = q[q_rows.input(self.q_entries.flatten(3))].unflatten(3, (c, S))  # (B, H, R, c, S, D)
         own = rows.input(self.own_entries.flatten(3))
         self.own_k = k[own].to(dtype).unflatten(3, (c, S))
         self.own_v = v[own].to(dtype).unflatten(3, (c, S))
@@ -244,8 +250,8 @@ class _Group:
         )  # (B, H, R, c, 2S)
         self.k_entries = k_source.gather(3, key_slots.flatten(3)).unflatten(3, (c, 2 * S))
         pair = rows.input(self.k_entries.flatten(3))
-        self.k = k[pair].to(dtype).unflatten(3, (c, 2 * S))  # (B, H, R, c, 2S, D)
-        self.values = v[pair].to(dtype).unflatten(3, (c, 2 * S))
+        self.k = k[pair].unflatten(3, (c, 2 * S))  # (B, H, R, c, 2S, D)
+        self.values = v[pair].unflatten(3, (c, 2 * S))
         key_buckets = k_slot_buckets.gather(3, key_slots.flatten(3)).unflatten(3, (c, 2 * S))
 
         # Visible: same bucket and sorted index in [E - S, E), i.e. key slot in [E, E + S).
@@ -254,7 +260,7 @@ class _Group:
         visible = key_buckets[..., None, :] == slot_buckets[..., queries].unflatten(3, (c, S))[..., None]
         visible &= (key_slot >= ends) & (key_slot < ends + S)
         scores = (self.q @ self.k.transpose(-1, -2)).to(dtype).masked_fill(~visible, float("-inf"))
-        own_scores = (self.q * self.own_k).sum(-1, keepdim=True).to(dtype)
+        own_scores = (self.q.to(dtype) * self.own_k).sum(-1, keepdim=True)
         scores = torch.cat((scores, own_scores), dim=-1)  # (B, H, R, c, S, 2S + 1)
         self.lse = torch.logsumexp(scores, dim=-1)  # finite: the own key is always visible
         self.probs = torch.exp(scores - self.lse[..., None])

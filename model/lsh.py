@@ -188,7 +188,8 @@ class LSHAttention(nn.Module):
         if self.shared_qk:  # its own key only when there is nothing else
             own = torch.full_like(scores[..., :1], self.self_score)
         else:  # its own key, always, at its real score
-            own_score = torch.einsum("bhd,bhd->bh", query, k[:, :, 0].to(query.dtype)).float()  # (B, H)
+            # Elementwise in float32 from the compute-dtype values, as key_windows.py scores the own key.
+            own_score = (query.float() * k[:, :, 0].float()).sum(-1)  # (B, H)
             own = own_score[:, :, None, None].expand(B, H, R, 1)
         scores = torch.cat((scores, own), dim=-1)  # (B, H, R, S + 1)
         lse = torch.logsumexp(scores, dim=-1, keepdim=True)
