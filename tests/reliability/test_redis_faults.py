@@ -18,8 +18,17 @@ import httpx
 import numpy as np
 
 from model.tokenizer import ChatTokenizer
-from tests.reliability.processes import AppProcess, RedisServer, app_env
-from tests.support import endless_params, frame, new_prefix, open_ws, quiet_params, send
+from tests.support import (
+    AppProcess,
+    RedisServer,
+    app_env,
+    endless_params,
+    frame,
+    new_prefix,
+    open_ws,
+    quiet_params,
+    send,
+)
 
 WRITERS = 3
 MAX_TOKENS = 4000  # endless replies run until cancelled

@@ -18,8 +18,7 @@ import numpy as np
 import pytest
 
 from model.tokenizer import ChatTokenizer
-from tests.reliability.processes import AppProcess, RedisServer, app_env
-from tests.support import endless_params, new_prefix, quiet_params
+from tests.support import AppProcess, RedisServer, app_env, endless_params, new_prefix, quiet_params
 
 MAX_TOKENS = 4000
 TURNS = ("Hi!", "What do you like to do?", "Why is that?", "Bye now.")
