@@ -129,10 +129,13 @@ def running_server(settings: Settings) -> Iterator[str]:
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
     thread.start()
-    while not server.started:
+
+    def started() -> bool:
         if not thread.is_alive():
             raise RuntimeError("the test server failed to start: see the captured log")
-        time.sleep(0.02)
+        return server.started
+
+    poll_until(started, "the test server starting")
     try:
         yield bound_url(server, "127.0.0.1")
     finally:
@@ -261,11 +264,17 @@ def read_until_closed(sock: socket.socket) -> bytes:
     return received
 
 
-def metric(url: str, name: str, headers: dict[str, str] | None = None) -> float:
+def metric(
+    url: str, name: str, headers: dict[str, str] | None = None, *, default: float | None = None
+) -> float:
     """One sample of the server's /admin/metrics, by its full name with labels as the exposition writes
-    it (`reformer_chat_state_cache_entries`, `reformer_chat_requests_total{route="/x"}`)."""
-    text = httpx.get(f"{url}/admin/metrics", headers=headers).text
-    match = re.search(rf"^{re.escape(name)} (\S+)$", text, flags=re.MULTILINE)
+    it (`reformer_chat_state_cache_entries`, `reformer_chat_requests_total{route="/x"}`). A labelled
+    series appears only once counted: `default` is its value until then (else its absence fails)."""
+    response = httpx.get(f"{url}/admin/metrics", headers=headers)
+    assert response.status_code == 200, response.text
+    match = re.search(rf"^{re.escape(name)} (\S+)$", response.text, flags=re.MULTILINE)
+    if match is None and default is not None:
+        return default
     assert match, f"{name} missing from /admin/metrics"
     return float(match.group(1))
 
@@ -284,6 +293,19 @@ def poll_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} did not happen within {timeout:.0f} s")
         time.sleep(every)
+
+
+def stored_messages(
+    url: str, session_id: str, count: int, headers: dict[str, str] | None = None
+) -> list[Any]:
+    """The session's messages once at least `count` are stored (a cancelled or hung-up turn is stored just
+    after the engine stops, a moment after the client saw it end)."""
+
+    def stored() -> list[Any] | None:
+        messages = httpx.get(f"{url}/v1/sessions/{session_id}", headers=headers).json()["messages"]
+        return messages if len(messages) >= count else None
+
+    return poll_until(stored, f"{count} messages stored in session {session_id}")
 
 
 # ---- real processes: a redis-server and `python -m app` of the test's own ----------------------------------
@@ -306,11 +328,13 @@ class RedisServer:
     """A redis-server of the test's own on 127.0.0.1:<free port>, to kill and restart on the same port and
     directory: `aof=True` persists every write (appendfsync always); `extra` adds command-line flags."""
 
-    def __init__(self, directory: Path, *, aof: bool, extra: Sequence[str] = ()) -> None:
+    def __init__(
+        self, directory: Path, *, aof: bool, extra: Sequence[str] = (), port: int | None = None
+    ) -> None:
         self.directory = directory
         self.aof = aof
         self.extra = list(extra)
-        self.port = free_port()
+        self.port = port or free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -416,8 +440,15 @@ class AppProcess:
             self.process.wait()
             self.process = None
 
+    def terminate(self) -> None:
+        """SIGTERM, what an orchestrator sends on a deploy: a graceful stop."""
+        if self.process is not None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait()
+            self.process = None
+
     def stop(self) -> int:
-        """Ctrl+C: a graceful stop; returns the exit status (None when it was not running)."""
+        """Ctrl+C: a graceful stop; returns the exit status (0 when it was not running)."""
         status = 0
         if self.process is not None:
             self.process.send_signal(signal.SIGINT)
@@ -444,6 +475,7 @@ def app_env(
     env = {
         "MODEL_DIR": str(checkpoint),
         "DEVICE": "cpu",
+        "PRECISION": "fp32",  # as make_settings: replies must not depend on the CPU
         "TORCH_THREADS": "1",
         "LOG_LEVEL": "warning",
         "REDIS_URL": redis_url or "",

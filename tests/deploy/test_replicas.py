@@ -11,77 +11,42 @@ those of the same conversation held by one replica alone.
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 
-from app.config import Settings
 from tests.e2e.test_state_rebuild import ADMIN, TURNS, converse, counter
-from tests.support import TEST_REDIS_URL, quiet_params
+from tests.support import TEST_REDIS_URL, AppProcess, app_env, quiet_params
 
 REPO = Path(__file__).resolve().parents[2]
 _ANNOUNCED = re.compile(rb"serving at (http://\S+)")
 
 
 def replica_environment(checkpoint: Path, prefix: str, data_dir: Path) -> dict[str, str]:
-    """The process environment minus any setting inherited from the caller, plus this replica's settings."""
-    settings = {name.upper() for name in Settings.model_fields}
-    env = {key: value for key, value in os.environ.items() if key.upper() not in settings}
-    env.update(
-        MODEL_DIR=str(checkpoint),
-        DEVICE="cpu",
-        PRECISION="fp32",  # replicas are compared token for token; auto would pick by the CPU
-        TORCH_THREADS="1",
-        OMP_NUM_THREADS="1",
-        REDIS_URL=TEST_REDIS_URL,
-        REDIS_KEY_PREFIX=prefix,
-        ADMIN_TOKEN=ADMIN["Authorization"].removeprefix("Bearer "),
-        LOG_LEVEL="warning",
-        PREFILL_CHUNK_TOKENS="7",
-        DATA_DIR=str(data_dir),
-        # The checkout under test, whatever the working directory (which has no .env to read).
-        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    """This replica's settings, as environment variables only (AppProcess passes nothing else on)."""
+    return app_env(
+        checkpoint,
+        TEST_REDIS_URL,
+        prefix,
+        admin_token=ADMIN["Authorization"].removeprefix("Bearer "),
+        prefill_chunk_tokens=7,
+        data_dir=data_dir,
+        session_lock_seconds=30,
+        omp_num_threads=1,
     )
-    return env
-
-
-@contextmanager
-def replica(name: str, env: dict[str, str], workdir: Path) -> Iterator[str]:
-    """Run `python -m app --port 0` until the block ends; yields the URL it announces once listening."""
-    log_path = workdir / f"{name}.log"
-    command = [sys.executable, "-m", "app", "--host", "127.0.0.1", "--port", "0"]
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(command, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        while not (found := _ANNOUNCED.search(log_path.read_bytes())):
-            if process.poll() is not None:
-                output = log_path.read_text(errors="replace")[-4000:]
-                raise RuntimeError(f"replica {name} exited with {process.returncode}:\n{output}")
-            time.sleep(0.1)
-        yield found.group(1).decode()
-    finally:
-        process.send_signal(signal.SIGINT)  # a graceful stop, as on Ctrl+C or `docker stop`
-        process.wait()
 
 
 @pytest.fixture
 def replicas(tiny_checkpoint: Path, redis_prefix: str, tmp_path: Path) -> Iterator[tuple[str, str]]:
     """Two replica processes sharing CI's Redis under one test prefix (its keys removed afterwards)."""
     env = replica_environment(tiny_checkpoint, redis_prefix, tmp_path / "data")
-    with ExitStack() as stack:
-        yield (
-            stack.enter_context(replica("a", env, tmp_path)),
-            stack.enter_context(replica("b", env, tmp_path)),
-        )
+    with AppProcess(tmp_path, "a", env) as a, AppProcess(tmp_path, "b", env) as b:
+        yield a.url, b.url
+        a.stop()  # a graceful stop, as on Ctrl+C or `docker stop`
+        b.stop()
 
 
 def cache_misses(url: str) -> float:

@@ -3,49 +3,32 @@ session and message and chats on; even a killed server loses no acknowledged tur
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 
-from tests.support import quiet_params
+from tests.support import AppProcess, app_env, quiet_params
 
-URL_LINE = "reformer-chat is serving at "
+# Both processes on a DATA_DIR must use one key prefix (the embedded Redis is the data directory's own).
+PREFIX = "chat-test:"
 
 
 @contextmanager
-def app_process(checkpoint: Path, data_dir: Path, log: Path, *, graceful: bool = True) -> Iterator[str]:
-    """`python -m app --port 0` as a user would run it; yields the URL it prints."""
-    env = {k: v for k, v in os.environ.items() if k not in {"REDIS_URL", "API_KEYS", "ADMIN_TOKEN"}}
-    env.update(MODEL_DIR=str(checkpoint), DATA_DIR=str(data_dir), TORCH_THREADS="1", LOG_LEVEL="warning",
-               MAX_NEW_TOKENS="16", DEVICE="cpu", PRECISION="fp32")  # fmt: skip
-    out = log.with_suffix(".out")
-    with open(out, "w") as stdout, open(log, "w") as stderr:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "app", "--host", "127.0.0.1", "--port", "0"],
-            cwd=data_dir.parent,  # not the repository: no stray .env
-            env=env,
-            stdout=stdout,
-            stderr=stderr,
-        )
+def app_process(checkpoint: Path, data_dir: Path, name: str, *, graceful: bool = True) -> Iterator[str]:
+    """`python -m app` with no REDIS_URL (the embedded Redis under DATA_DIR); yields its URL. Its log is
+    <data_dir's parent>/<name>.log."""
+    env = app_env(checkpoint, None, PREFIX, data_dir=data_dir, max_new_tokens=16)
+    app = AppProcess(data_dir.parent, name, env)
+    app.start()
     try:
-        while URL_LINE not in out.read_text():
-            assert process.poll() is None, f"the server exited: {log.read_text()}"
-            time.sleep(0.05)
-        yield out.read_text().split(URL_LINE)[1].split()[0]
+        yield app.url
     finally:
         if graceful:
-            process.send_signal(signal.SIGINT)
-            assert process.wait() == 0, log.read_text()
+            assert app.stop() == 0, app.log.read_text()
         else:
-            process.kill()
-            process.wait()
+            app.kill()
 
 
 def chat(url: str, session_id: str, content: str) -> dict:
@@ -58,14 +41,14 @@ def chat(url: str, session_id: str, content: str) -> dict:
 
 def test_sessions_survive_a_restart_and_chat_continues(tiny_checkpoint: Path, tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
-    with app_process(tiny_checkpoint, data_dir, tmp_path / "first.log") as url:
+    with app_process(tiny_checkpoint, data_dir, "first") as url:
         assert httpx.get(f"{url}/admin/ready").status_code == 200
         session_id = httpx.post(f"{url}/v1/sessions").json()["session_id"]
         first = chat(url, session_id, "Remember me?")
         before = httpx.get(f"{url}/v1/sessions/{session_id}").json()
     assert (data_dir / "redis" / "appendonly.aof").exists()
 
-    with app_process(tiny_checkpoint, data_dir, tmp_path / "second.log") as url:
+    with app_process(tiny_checkpoint, data_dir, "second") as url:
         after = httpx.get(f"{url}/v1/sessions/{session_id}").json()
         assert after == before
         second = chat(url, session_id, "Still here?")
@@ -75,11 +58,11 @@ def test_sessions_survive_a_restart_and_chat_continues(tiny_checkpoint: Path, tm
 
 def test_a_killed_server_loses_no_acknowledged_turn(tiny_checkpoint: Path, tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
-    with app_process(tiny_checkpoint, data_dir, tmp_path / "first.log", graceful=False) as url:
+    with app_process(tiny_checkpoint, data_dir, "first", graceful=False) as url:
         session_id = httpx.post(f"{url}/v1/sessions").json()["session_id"]
         reply = chat(url, session_id, "Acknowledged?")["message"]["content"]
     # SIGKILL gave the app no chance to stop its Redis; the next start finds and replaces it.
-    with app_process(tiny_checkpoint, data_dir, tmp_path / "second.log") as url:
+    with app_process(tiny_checkpoint, data_dir, "second") as url:
         messages = httpx.get(f"{url}/v1/sessions/{session_id}").json()["messages"]
         assert [m["content"] for m in messages] == ["Acknowledged?", reply]
     assert "stopping a stale embedded redis-server" in (tmp_path / "second.log").read_text()
