@@ -82,16 +82,18 @@ def test_blank_broken_or_too_long_text_is_refused(http: httpx.Client, server: tu
     for content in refused:
         response = http.post(path, json={"content": content, **quiet_params()})
         assert response.status_code == 422, (content[:10], response.text)
-    for raw in (
-        b'{"content": "\\udfff"}',  # a lone low surrogate
-        b'{"content": "\\ud83d"}',  # half an emoji
-        b'{"content": "\xc3\x28"}',  # invalid UTF-8
-        b'{"content": "\xed\xa0\x80"}',  # a surrogate encoded in UTF-8 (CESU)
+    for raw, status, code in (
+        (b'{"content": "\\udfff"}', 422, "invalid_request"),  # a lone low surrogate: valid JSON
+        (b'{"content": "\\ud83d"}', 422, "invalid_request"),  # half an emoji
+        # Bytes that are not UTF-8 fail FastAPI's body parsing itself: a 400 (app/routes/responses.py).
+        (b'{"content": "\xc3\x28"}', 400, "http_error"),  # invalid UTF-8
+        # A surrogate encoded in UTF-8 (CESU): json decodes bytes with "surrogatepass"; then refused.
+        (b'{"content": "\xed\xa0\x80"}', 422, "invalid_request"),
     ):
         response = http.post(path, content=raw, headers=JSON)
-        # Bytes that are not UTF-8 fail FastAPI's body parsing itself: a 400 in our error shape.
-        assert response.status_code in (400, 422), (raw, response.text)
+        assert response.status_code == status, (raw, response.text)
         assert set(response.json()["error"]) == {"code", "message"}
+        assert response.json()["error"]["code"] == code, (raw, response.text)
     assert_nothing_stored(http, server[1], session_id)
 
 
