@@ -24,6 +24,8 @@ from tests.support import LiveServerFactory, endless_params
 KEY = "client-key"
 MAX_TOKENS = 4000
 PROMPT = "you> "
+# A bound on waiting for the client's next output: a failure with its output, not a hung test.
+EXPECT_SECONDS = 120
 
 
 @pytest.fixture(scope="module")
@@ -74,9 +76,14 @@ class Terminal:
         """The next match of `pattern` in the output after the previous match."""
         regex = re.compile(pattern, re.DOTALL)
         with self._changed:
-            while not (match := regex.search(self.output, self._seen)):
-                assert not self.output.endswith("<EOF>"), f"client exited before {pattern!r}:\n{self.output}"
-                self._changed.wait()
+
+            def seen() -> bool:
+                return regex.search(self.output, self._seen) is not None or self.output.endswith("<EOF>")
+
+            if not self._changed.wait_for(seen, timeout=EXPECT_SECONDS):
+                raise AssertionError(f"no {pattern!r} within {EXPECT_SECONDS} s:\n{self.output}")
+            match = regex.search(self.output, self._seen)
+            assert match, f"client exited before {pattern!r}:\n{self.output}"
             self._seen = match.end()
             return match
 

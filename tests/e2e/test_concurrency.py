@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Iterator
 
 import httpx
@@ -20,6 +19,7 @@ from tests.support import (
     open_ws,
     quiet_params,
     send,
+    stored_messages,
 )
 
 MAX_TOKENS = 4000
@@ -52,11 +52,10 @@ def test_two_concurrent_turns_on_one_session_one_gets_409(
     refused, session_id = asyncio.run(main())
     assert refused.status_code == 409
     assert refused.json()["error"]["code"] == "session_busy"
-    with httpx.Client(base_url=url, timeout=None) as http:
-        while len(messages := http.get(f"/v1/sessions/{session_id}").json()["messages"]) < 2:
-            time.sleep(0.02)  # the cancelled turn is stored once the engine has stopped
-        assert [m["role"] for m in messages] == ["user", "assistant"]  # exactly one turn, not interleaved
-        assert messages[1]["finish_reason"] == "cancelled"
+    # The cancelled turn is stored once the engine has stopped.
+    messages = stored_messages(url, session_id, 2)
+    assert [m["role"] for m in messages] == ["user", "assistant"]  # exactly one turn, not interleaved
+    assert messages[1]["finish_reason"] == "cancelled"
 
 
 def test_a_lock_held_by_another_replica_is_409(server: tuple[str, str]) -> None:

@@ -19,6 +19,9 @@ from tests.support import (
     TEST_REDIS_URL,
     LiveServerFactory,
     endless_params,
+    metric,
+    poll_until,
+    stored_messages,
 )
 
 KEY = {"Authorization": "Bearer sse-key"}
@@ -54,18 +57,13 @@ def events(raw: bytes) -> list[bytes]:
 
 
 def cancelled_count(http: httpx.Client) -> float:
-    text = http.get("/admin/metrics").text
-    match = re.search(
-        r'^reformer_chat_request_success_total\{finished_reason="cancelled"\} (\S+)$', text, re.M
-    )
-    return float(match.group(1)) if match else 0.0
+    url = str(http.base_url).rstrip("/")
+    return metric(url, 'reformer_chat_request_success_total{finished_reason="cancelled"}', default=0.0)
 
 
 def wait_for_reply(http: httpx.Client, session_id: str) -> dict[str, Any]:
     """The session's stored reply, once the (cancelled) turn has been stored."""
-    while len(messages := http.get(f"/v1/sessions/{session_id}").json()["messages"]) < 2:
-        time.sleep(0.02)
-    return messages[1]
+    return stored_messages(str(http.base_url).rstrip("/"), session_id, 2, dict(http.headers))[1]
 
 
 def assert_openai_error(response: httpx.Response, status: int, code: str | None) -> dict[str, Any]:
@@ -193,8 +191,7 @@ def test_hanging_up_a_stateless_stream_stops_the_engine(http: httpx.Client, toke
         chunks = response.iter_bytes()
         next(chunks)  # generating; leaving the block hangs up
     # The generation ends as "cancelled" (not after MAX_TOKENS tokens as "length").
-    while cancelled_count(http) < before + 1:
-        time.sleep(0.02)
+    poll_until(lambda: cancelled_count(http) >= before + 1, "the hung-up stream counted as cancelled")
     assert http.get("/admin/metrics").status_code == 200
 
 
@@ -210,7 +207,9 @@ def test_hanging_up_a_plain_completion_cancels_it(server: tuple[str, str], token
                 client.post("/v1/chat/completions", json=payload, headers={"X-Session-Id": session_id})
             )
             with redis.Redis.from_url(TEST_REDIS_URL) as r:  # the turn holds its lock: it is generating
+                deadline = time.monotonic() + 120
                 while not r.exists(f"{prefix}chat:{{{session_id}}}:lock"):
+                    assert time.monotonic() < deadline, "the turn never took its session lock"
                     await asyncio.sleep(0.005)
             request.cancel()
             return session_id

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import re
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,6 +34,7 @@ from tests.support import (
     endless_params,
     free_port,
     make_settings,
+    poll_until,
     require_redis,
 )
 
@@ -274,10 +274,13 @@ def serving_on(settings: Settings, port: int) -> Iterator[str]:
     )
     thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
     thread.start()
-    while not server.started:
+
+    def started() -> bool:
         if not thread.is_alive():
             raise RuntimeError(f"the test server failed to start on port {port}: see the captured log")
-        time.sleep(0.02)
+        return server.started
+
+    poll_until(started, f"the test server starting on port {port}")
     try:
         yield f"http://127.0.0.1:{port}"
     finally:

@@ -14,12 +14,7 @@ import pytest
 import redis
 
 from model.tokenizer import ChatTokenizer
-from tests.support import (
-    TEST_REDIS_URL,
-    LiveServerFactory,
-    endless_params,
-    quiet_params,
-)
+from tests.support import TEST_REDIS_URL, LiveServerFactory, endless_params, quiet_params, stored_messages
 
 KEY_A = {"Authorization": "Bearer key-a"}
 KEY_B = {"Authorization": "Bearer key-b"}
@@ -266,17 +261,17 @@ def test_a_client_that_hangs_up_cancels_its_reply(server: tuple[str, str], token
             # The first token-level sign of life is the turn lock: wait until the turn holds it.
             request = asyncio.create_task(http.post(f"/v1/sessions/{session_id}/messages", json=body))
             with redis.Redis.from_url(TEST_REDIS_URL) as r:
+                deadline = time.monotonic() + 120
                 while not r.exists(f"{server[1]}chat:{{{session_id}}}:lock"):
+                    assert time.monotonic() < deadline, "the turn never took its session lock"
                     await asyncio.sleep(0.005)
             request.cancel()
             return session_id
 
     session_id = asyncio.run(main())
     with httpx.Client(base_url=url, headers=KEY_A, timeout=None) as http:
-        messages: list[dict[str, Any]] = []
-        while len(messages) < 2:  # the cancelled turn is stored once the engine has stopped
-            time.sleep(0.02)
-            messages = http.get(f"/v1/sessions/{session_id}").json()["messages"]
+        # The cancelled turn is stored once the engine has stopped.
+        messages = stored_messages(url, session_id, 2, KEY_A)
         assert messages[1]["finish_reason"] == "cancelled"
         again = http.post(f"/v1/sessions/{session_id}/messages", json={"content": "hi", **quiet_params()})
         assert again.status_code == 200  # the lock was released

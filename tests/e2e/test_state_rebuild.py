@@ -8,13 +8,12 @@ conversation that hops between them mid-way must too.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from tests.support import LiveServerFactory, new_prefix, quiet_params
+from tests.support import LiveServerFactory, metric, new_prefix, quiet_params
 
 TURNS = ("Hi there!", "What do you do for fun?", "That sounds nice. Anything else?", "Ok, bye!")
 ADMIN = {"Authorization": "Bearer admin"}
@@ -41,10 +40,7 @@ def converse(urls: list[str]) -> list[str]:
 
 
 def counter(url: str, name: str) -> float:
-    text = httpx.get(f"{url}/admin/metrics", headers=ADMIN).text
-    match = re.search(rf"^{name} (\S+)$", text, flags=re.MULTILINE)
-    assert match, f"{name} missing from /admin/metrics"
-    return float(match.group(1))
+    return metric(url, name, ADMIN)
 
 
 def test_warm_rebuilt_and_handed_off_conversations_agree(replicas: tuple[str, str]) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,6 +12,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection
 
 from model.tokenizer import ChatTokenizer
+from tests import support
 from tests.support import (
     LiveServerFactory,
     endless_params,
@@ -53,9 +53,7 @@ def run_turn(ws: ClientConnection, **fields: Any) -> tuple[dict[str, Any], list[
 
 def stored_messages(http: httpx.Client, session_id: str, count: int) -> list[dict[str, Any]]:
     """The session's messages once there are `count` of them (a cancelled turn is stored just after)."""
-    while len(messages := http.get(f"/v1/sessions/{session_id}").json()["messages"]) < count:
-        time.sleep(0.02)
-    return messages
+    return support.stored_messages(str(http.base_url).rstrip("/"), session_id, count, dict(http.headers))
 
 
 def test_streamed_tokens_concatenate_to_the_stored_reply(base_url: str, http: httpx.Client) -> None:

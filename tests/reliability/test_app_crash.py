@@ -7,8 +7,6 @@ gives the same greedy reply the first process gave to the same conversation befo
 
 from __future__ import annotations
 
-import re
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +19,10 @@ from tests.support import (
     app_env,
     endless_params,
     frame,
+    metric,
     new_prefix,
     open_ws,
+    poll_until,
     quiet_params,
     send,
 )
@@ -35,16 +35,14 @@ FIRST, SECOND, THIRD = "Hello there!", "Tell me a long story.", "And then?"
 def turn(http: httpx.Client, session_id: str, content: str, fields: dict[str, Any]) -> str:
     """One REST turn's reply; a lock left by a killed process is a 409 until it expires."""
     path = f"/v1/sessions/{session_id}/messages"
-    while (response := http.post(path, json={"content": content, **fields})).status_code == 409:
-        time.sleep(0.1)
+
+    def answered() -> httpx.Response | None:
+        response = http.post(path, json={"content": content, **fields})
+        return None if response.status_code == 409 else response
+
+    response = poll_until(answered, "the killed process's turn lock expiring (409 until then)", every=0.1)
     assert response.status_code == 200, response.text
     return response.json()["message"]["content"]
-
-
-def metric(http: httpx.Client, name: str) -> float:
-    match = re.search(rf"^{name} (\S+)$", http.get("/admin/metrics", headers=ADMIN).text, re.MULTILINE)
-    assert match, f"{name} missing from /admin/metrics"
-    return float(match.group(1))
 
 
 def test_a_crash_mid_generation_leaves_no_half_turn_and_the_rebuilt_state_agrees(
@@ -80,11 +78,11 @@ def test_a_crash_mid_generation_leaves_no_half_turn_and_the_rebuilt_state_agrees
         second = AppProcess(tmp_path / "app", "second", env)
         with second, httpx.Client(base_url=second.url, timeout=None) as http:
             assert http.get(f"/v1/sessions/{session_id}").json() == before_crash  # no half turn
-            rebuilt_before = metric(http, "reformer_chat_prefill_tokens_total")
+            rebuilt_before = metric(second.url, "reformer_chat_prefill_tokens_total", ADMIN)
             assert turn(http, session_id, SECOND, short_reply) == reference_second
             # The state was rebuilt from Redis (an empty cache), not found: the whole history was re-fed.
-            assert metric(http, "reformer_chat_state_cache_hits_total") == 0
-            assert metric(http, "reformer_chat_prefill_tokens_total") - rebuilt_before > len(
+            assert metric(second.url, "reformer_chat_state_cache_hits_total", ADMIN) == 0
+            assert metric(second.url, "reformer_chat_prefill_tokens_total", ADMIN) - rebuilt_before > len(
                 tokenizer.encode_turn("user", SECOND)
             )
             assert turn(http, session_id, THIRD, quiet_params()) == reference_third

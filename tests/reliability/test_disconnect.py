@@ -8,10 +8,7 @@ goes on undisturbed, with exactly the text it gets when it runs alone.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import re
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +17,17 @@ import httpx
 import pytest
 
 from model.tokenizer import ChatTokenizer
-from tests.support import RedisServer, endless_params, frame, make_settings, open_ws, running_server, send
+from tests.support import (
+    RedisServer,
+    endless_params,
+    frame,
+    make_settings,
+    metric,
+    open_ws,
+    running_server,
+    send,
+    stored_messages,
+)
 
 MAX_TOKENS = 4000
 ADMIN = {"Authorization": "Bearer admin"}
@@ -44,9 +51,7 @@ def server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> I
 
 
 def counter(url: str, series: str) -> float:
-    text = httpx.get(f"{url}/admin/metrics", headers=ADMIN).text
-    match = re.search(rf"^{re.escape(series)} (\S+)$", text, flags=re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
+    return metric(url, series, ADMIN, default=0.0)
 
 
 def neighbour_reply(url: str, tokenizer: ChatTokenizer) -> str:
@@ -60,9 +65,7 @@ def neighbour_reply(url: str, tokenizer: ChatTokenizer) -> str:
 
 def stored_reply(url: str, session_id: str) -> dict[str, Any]:
     """The session's reply once stored (a cancelled turn is stored just after the engine stops)."""
-    while len(messages := httpx.get(f"{url}/v1/sessions/{session_id}").json()["messages"]) < 2:
-        time.sleep(0.02)
-    return messages[1]
+    return stored_messages(url, session_id, 2)[1]
 
 
 def test_websocket_disconnect_cancels_and_the_neighbour_streams_on(
@@ -94,8 +97,6 @@ def test_websocket_disconnect_cancels_and_the_neighbour_streams_on(
 
 
 def test_sse_disconnect_cancels_and_the_neighbour_streams_on(server: str, tokenizer: ChatTokenizer) -> None:
-    if importlib.util.find_spec("app.openai.router") is None:
-        pytest.skip("the OpenAI-compatible route (app/openai/router.py) is not in this tree yet")
     expected = neighbour_reply(server, tokenizer)
     model = httpx.get(f"{server}/v1/models").json()["data"][0]["id"]
     cancelled_before = counter(server, CANCELLED)

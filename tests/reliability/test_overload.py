@@ -9,14 +9,22 @@ margin of what it was after the first (a refused request leaves nothing behind).
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from pathlib import Path
 
 import httpx
 
 from model.tokenizer import ChatTokenizer
-from tests.support import AppProcess, RedisServer, app_env, endless_params, new_prefix, quiet_params
+from tests.support import (
+    AppProcess,
+    RedisServer,
+    app_env,
+    endless_params,
+    metric,
+    new_prefix,
+    poll_until,
+    quiet_params,
+)
 
 RUNNING, WAITING = 2, 2
 CONCURRENT = 24
@@ -29,12 +37,11 @@ RSS_MARGIN_BYTES = 16 * 1024 * 1024
 
 
 def gauges(http: httpx.Client) -> tuple[float, float]:
-    text = http.get("/admin/metrics", headers=ADMIN).text
-    values = [
-        float(re.search(rf"^reformer_chat_num_requests_{name} (\S+)$", text, re.MULTILINE).group(1))
-        for name in ("running", "waiting")
-    ]
-    return values[0], values[1]
+    url = str(http.base_url).rstrip("/")
+    return (
+        metric(url, "reformer_chat_num_requests_running", ADMIN),
+        metric(url, "reformer_chat_num_requests_waiting", ADMIN),
+    )
 
 
 async def wave(url: str, sessions: list[str], tokenizer: ChatTokenizer) -> list[httpx.Response]:
@@ -43,7 +50,9 @@ async def wave(url: str, sessions: list[str], tokenizer: ChatTokenizer) -> list[
     body = {"content": "Everyone at once!", **endless_params(tokenizer, MAX_TOKENS)}
     async with httpx.AsyncClient(base_url=url, timeout=None) as http:
         turns = [asyncio.create_task(http.post(f"/v1/sessions/{s}/messages", json=body)) for s in sessions]
+        deadline = time.monotonic() + 120
         while sum(task.done() for task in turns) < len(turns) - RUNNING - WAITING:
+            assert time.monotonic() < deadline, "the refused turns were not all answered within 120 s"
             await asyncio.sleep(0.01)
         refused = [task.result() for task in turns if task.done()]
         for task in turns:
@@ -79,8 +88,8 @@ def test_overload_is_429_with_retry_after_and_memory_stays_bounded(
                     assert response.headers["Retry-After"] == "2"
                 running, waiting = gauges(http)
                 assert running <= RUNNING and waiting <= WAITING
-                while gauges(http) != (0, 0):  # the hung-up replies are cancelled and stored
-                    time.sleep(0.05)
+                # The hung-up replies are cancelled and stored.
+                poll_until(lambda: gauges(http) == (0, 0), "the hung-up replies leaving the engine")
                 stored = [len(http.get(f"/v1/sessions/{s}").json()["messages"]) for s in sessions]
                 assert sorted(stored) == [0] * len(refused) + [2] * (RUNNING + WAITING)
                 rss.append(app.rss())

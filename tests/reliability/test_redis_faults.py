@@ -10,9 +10,9 @@ absent or complete, never half written.
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -26,6 +26,7 @@ from tests.support import (
     frame,
     new_prefix,
     open_ws,
+    poll_until,
     quiet_params,
     send,
 )
@@ -124,8 +125,8 @@ def test_redis_sigkill_and_aof_restart_lose_no_acknowledged_turn(
         assert http.get("/admin/health").status_code == 200 and app.alive
 
         redis_server.start()  # same port, same directory: the append-only file is replayed
-        while http.get("/admin/ready").status_code != 200:  # the same process, no restart
-            time.sleep(0.05)
+        # The same process, no restart: it reconnects by itself.
+        poll_until(lambda: http.get("/admin/ready").status_code == 200, "readiness once Redis is back")
 
         for writer in writers:
             stored = stored_turns(http, writer.session_id)
@@ -143,8 +144,12 @@ def test_redis_sigkill_and_aof_restart_lose_no_acknowledged_turn(
         for session_id in [streaming, *(w.session_id for w in writers)]:
             before = len(stored_turns(http, session_id))
             body = {"content": "Still there?", **quiet_params()}
-            while (turn := http.post(f"/v1/sessions/{session_id}/messages", json=body)).status_code == 409:
-                time.sleep(0.1)
+
+            def answered(session_id: str = session_id, body: dict[str, Any] = body) -> httpx.Response | None:
+                turn = http.post(f"/v1/sessions/{session_id}/messages", json=body)
+                return None if turn.status_code == 409 else turn
+
+            turn = poll_until(answered, "the turn lock left by the kill expiring", every=0.1)
             assert turn.status_code == 200, turn.text
             assert len(stored_turns(http, session_id)) == before + 1
         assert app.alive

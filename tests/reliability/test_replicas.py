@@ -9,7 +9,6 @@ alone gives.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +17,15 @@ import numpy as np
 import pytest
 
 from model.tokenizer import ChatTokenizer
-from tests.support import AppProcess, RedisServer, app_env, endless_params, new_prefix, quiet_params
+from tests.support import (
+    AppProcess,
+    RedisServer,
+    app_env,
+    endless_params,
+    new_prefix,
+    quiet_params,
+    stored_messages,
+)
 
 MAX_TOKENS = 4000
 TURNS = ("Hi!", "What do you like to do?", "Why is that?", "Bye now.")
@@ -66,8 +73,8 @@ def test_concurrent_turns_from_both_replicas_get_exactly_one_409(
         refused = answered[0]
         assert refused.status_code == 409, refused.text
         assert refused.json()["error"]["code"] == "session_busy"
-        while len(stored := messages(url_a, session_id)) < 2 * (round_ + 1):
-            time.sleep(0.02)  # the winner's cancelled turn is stored once its engine has stopped
+        # The winner's cancelled turn is stored once its engine has stopped.
+        stored = stored_messages(url_a, session_id, 2 * (round_ + 1))
         assert [m["role"] for m in stored] == ["user", "assistant"] * (round_ + 1)  # never interleaved
         assert stored[-1]["finish_reason"] == "cancelled"
     assert messages(url_b, session_id) == stored

@@ -28,14 +28,7 @@ from app.metrics import Metrics
 from app.store.sessions import new_session_id
 from model.reformer import ReformerLM
 from model.tokenizer import ChatTokenizer
-from tests.support import (
-    TEST_REDIS_URL,
-    LiveServerFactory,
-    frame,
-    open_ws,
-    quiet_params,
-    send,
-)
+from tests.support import TEST_REDIS_URL, LiveServerFactory, frame, metric, open_ws, quiet_params, send
 
 SECRET_A, SECRET_B = "alpha-secret-key-0123", "bravo-secret-key-4567"
 KEY_A = {"Authorization": f"Bearer {SECRET_A}"}
@@ -51,10 +44,7 @@ def server(live_server: LiveServerFactory) -> Iterator[tuple[str, str]]:
 
 
 def counter(url: str, name: str) -> float:
-    text = httpx.get(f"{url}/admin/metrics", headers=ADMIN).text
-    match = re.search(rf"^{name} (\S+)$", text, flags=re.MULTILINE)
-    assert match, f"{name} missing"
-    return float(match.group(1))
+    return metric(url, name, ADMIN)
 
 
 def test_another_tenant_never_reaches_the_owners_cached_state(server: tuple[str, str]) -> None:
