@@ -1,9 +1,10 @@
 """The whole LSH layer against a brute-force O(L^2) reading of its rule (docs/DESIGN.md, "The model").
 
-Per head and hash round a token is hashed by the layer's fixed rotation (bucket = argmax over [xR; -xR]); a
-query attends to the at most `bucket_size` most recent earlier keys whose bucket is its own, and to its own
-key (with shared QK at the constant `self_attn_score`, so only when it has nothing else); the rounds are
-combined with their logsumexp weights. The reference reads that rule one query at a time, with no sorting,
+Per head and hash round queries and keys are hashed by the layer's fixed rotation (bucket = argmax over
+[xR; -xR]); a query attends to the at most `bucket_size` most recent earlier keys whose bucket is its own,
+and to its own key: with shared QK (keys are the unit queries) at the constant `self_attn_score`, so only
+when it has nothing else; with separate Q/K at its real score. The rounds are combined with their
+logsumexp weights. The reference reads that rule one query at a time, with no sorting,
 chunking or grouping, and takes nothing from the layer but its weights.
 
 The kernel works a group of chunks at a time (~8 MB of scores), so at test sizes everything would fall in
@@ -13,7 +14,6 @@ dozen group boundaries per round, where a dropped or misplaced chunk shows in th
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 
 import pytest
@@ -24,8 +24,8 @@ from torch import Tensor
 from model import ReformerConfig, ReformerLM
 from model.lsh import LSHAttention
 
-# Variants the config offers: shared QK always; separate Q/K where ReformerConfig has the switch.
-QK_VARIANTS = [True, False] if "shared_qk" in {f.name for f in dataclasses.fields(ReformerConfig)} else [True]
+# Both LSH variants (ReformerConfig.shared_qk), by name in test ids: -k shared-qk / -k separate-qk.
+QK_VARIANTS = pytest.mark.parametrize("shared_qk", [True, False], ids=["shared-qk", "separate-qk"])
 
 
 def small_groups(monkeypatch: pytest.MonkeyPatch, elements: int) -> None:
@@ -43,12 +43,7 @@ def small_groups(monkeypatch: pytest.MonkeyPatch, elements: int) -> None:
 
 def _config(shared_qk: bool, **overrides: object) -> ReformerConfig:
     """Tiny, three hash rounds, buckets of 8 in 4 buckets: 100 tokens overflow every bucket's window."""
-    variant = (
-        {"shared_qk": shared_qk}
-        if "shared_qk" in {f.name for f in dataclasses.fields(ReformerConfig)}
-        else {}
-    )
-    return ReformerConfig.tiny(vocab_size=97, n_hashes=3, **variant, **overrides)  # type: ignore[arg-type]
+    return ReformerConfig.tiny(vocab_size=97, n_hashes=3, shared_qk=shared_qk, **overrides)
 
 
 def _heads(x: Tensor, H: int) -> Tensor:
@@ -65,7 +60,7 @@ def _buckets(x: Tensor, rotations: Tensor) -> Tensor:
 def reference_layer(layer: LSHAttention, x: Tensor, config: ReformerConfig) -> Tensor:
     """The layer's output (B, L, d_model) for positions 0..L-1, one query at a time."""
     H, S, R = config.n_heads, config.bucket_size, config.n_hashes
-    shared = getattr(config, "shared_qk", True)
+    shared = config.shared_qk
     if shared:
         q = _heads(layer.to_qk(x), H)
         k = F.normalize(q, dim=-1)  # keys are the unit-length queries
@@ -102,7 +97,7 @@ def _layer(config: ReformerConfig, seed: int) -> LSHAttention:
     return LSHAttention(config).double()
 
 
-@pytest.mark.parametrize("shared_qk", QK_VARIANTS)
+@QK_VARIANTS
 @pytest.mark.parametrize("group_chunks", [1, 3])
 def test_the_lsh_layer_matches_the_brute_force_rule_across_many_groups(
     monkeypatch: pytest.MonkeyPatch, shared_qk: bool, group_chunks: int
@@ -118,7 +113,7 @@ def test_the_lsh_layer_matches_the_brute_force_rule_across_many_groups(
     torch.testing.assert_close(got, reference_layer(layer, x, config), rtol=0, atol=1e-9)
 
 
-@pytest.mark.parametrize("shared_qk", QK_VARIANTS)
+@QK_VARIANTS
 def test_the_lsh_layers_gradients_match_the_brute_force_rule(
     monkeypatch: pytest.MonkeyPatch, shared_qk: bool
 ) -> None:
@@ -141,7 +136,7 @@ def test_the_lsh_layers_gradients_match_the_brute_force_rule(
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-8)
 
 
-@pytest.mark.parametrize("shared_qk", QK_VARIANTS)
+@QK_VARIANTS
 def test_decode_matches_forward_across_many_groups(monkeypatch: pytest.MonkeyPatch, shared_qk: bool) -> None:
     """Single-token decode never runs the grouped kernel, so it is an independent check of the forward
     pass's grouping on the whole model: past capacity, several rounds, one chunk per group."""
