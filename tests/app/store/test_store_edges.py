@@ -59,6 +59,15 @@ def test_a_message_stored_before_seq_existed_is_numbered_by_its_position() -> No
     )
 
 
+def test_a_message_round_trips_with_its_token_count() -> None:
+    message = StoredMessage("assistant", "héllo", "t", "stop", tokens=12)
+    assert json.loads(message.to_json())["tokens"] == 12
+    assert StoredMessage.from_json(message.to_json(), position=0) == StoredMessage(
+        "assistant", "héllo", "t", "stop", 12, 1
+    )
+    assert "tokens" not in json.loads(StoredMessage("user", "hi", "t").to_json())  # None: not written
+
+
 @pytest.mark.parametrize(
     ("operation", "call"),
     [
