@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from model import ReformerConfig, ReformerLM
-from model.lsh import LSHAttention
+from model.lsh import LSHAttention, combine_rounds
 
 # Both LSH variants (ReformerConfig.shared_qk), by name in test ids: -k shared-qk / -k separate-qk.
 QK_VARIANTS = pytest.mark.parametrize("shared_qk", [True, False], ids=["shared-qk", "separate-qk"])
@@ -153,3 +153,11 @@ def test_decode_matches_forward_across_many_groups(monkeypatch: pytest.MonkeyPat
         prefill = torch.cat([model.decode(ids[:, :61], state), model.decode(ids[:, 61:], state)], dim=1)
     torch.testing.assert_close(one_by_one, expected, rtol=0, atol=1e-4)
     torch.testing.assert_close(prefill, expected, rtol=0, atol=1e-4)
+
+
+def test_combining_rounds_keeps_the_outputs_dtype() -> None:
+    """Under bf16 autocast the rounds' outputs are bf16 and their logsumexps float32: the weights follow
+    the outputs, so the layer's output stays bf16 (float32 weights would promote it)."""
+    out = torch.randn(1, 2, 3, 4, 5).bfloat16()  # (B, H, R, T, D)
+    lse = torch.randn(1, 2, 3, 4)  # (B, H, R, T)
+    assert combine_rounds(out, lse).dtype == torch.bfloat16
