@@ -9,8 +9,6 @@ conversation must resume from the snapshot (metric), feed only the ids after it 
 
 from __future__ import annotations
 
-import re
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +17,8 @@ import pytest
 import redis
 
 from model.tokenizer import ChatTokenizer
-from tests.reliability.processes import AppProcess, RedisServer, app_env
-from tests.support import new_prefix, quiet_params
+from tests import support
+from tests.support import AppProcess, RedisServer, app_env, new_prefix, poll_until, quiet_params
 
 ADMIN = {"Authorization": "Bearer admin"}
 SNAP = "reformer_chat_snapshot"
@@ -32,23 +30,25 @@ SNAPSHOT_EVERY_TURN = {"snapshot_min_tokens": 0, "snapshot_every_tokens": 1}
 
 
 def metric(http: httpx.Client, name: str) -> float:
-    match = re.search(rf"^{name} (\S+)$", http.get("/admin/metrics", headers=ADMIN).text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
+    return support.metric(str(http.base_url).rstrip("/"), name, ADMIN, default=0.0)
 
 
 def turn(http: httpx.Client, session_id: str, content: str) -> str:
     """One greedy REST turn; a lock left by a killed process is a 409 until it expires."""
     path = f"/v1/sessions/{session_id}/messages"
     body: dict[str, Any] = {"content": content, **quiet_params(max_tokens=12)}
-    while (response := http.post(path, json=body)).status_code == 409:
-        time.sleep(0.1)
+
+    def answered() -> httpx.Response | None:
+        response = http.post(path, json=body)
+        return None if response.status_code == 409 else response
+
+    response = poll_until(answered, "the killed process's turn lock expiring (409 until then)", every=0.1)
     assert response.status_code == 200, response.text
     return response.json()["message"]["content"]
 
 
 def wait_for_writes(http: httpx.Client, count: int) -> None:
-    while metric(http, f"{SNAP}_writes_total") < count:
-        time.sleep(0.02)
+    poll_until(lambda: metric(http, f"{SNAP}_writes_total") >= count, f"{count} snapshot writes")
 
 
 def snapshot_tokens(client: redis.Redis, prefix: str, session_id: str) -> int:

@@ -7,20 +7,20 @@ Redis answers (with no request to prompt it) and serves turns, without a restart
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import httpx
 
-from tests.reliability.processes import AppProcess, RedisServer, app_env
-from tests.support import new_prefix, quiet_params
+from tests.support import AppProcess, RedisServer, app_env, new_prefix, poll_until, quiet_params
 
 
 def wait_for_log(app: AppProcess, text: str) -> str:
-    while text not in (log := app.log.read_text()):
-        assert app.alive, f"the app exited: {log}"
-        time.sleep(0.05)
-    return log
+    def logged() -> str | None:
+        log = app.log.read_text()
+        assert app.alive or text in log, f"the app exited: {log}"
+        return log if text in log else None
+
+    return poll_until(logged, f"{text!r} in {app.log}", every=0.05)
 
 
 def test_the_app_waits_for_a_redis_that_starts_later(tmp_path: Path, tiny_checkpoint: Path) -> None:

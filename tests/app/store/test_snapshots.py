@@ -16,8 +16,7 @@ from app.store.snapshots import SnapshotStore, StoredSnapshot
 from tests.app.store import test_sessions
 from tests.app.store.test_sessions import Target, run_with_store, turn
 from tests.deploy.redis_cluster import redis_cluster  # noqa: F401 (a session fixture)
-from tests.reliability.processes import RedisServer
-from tests.support import new_prefix
+from tests.support import RedisServer, new_prefix
 
 target = test_sessions.target  # the same two Redis targets as the session store's tests
 
