@@ -322,7 +322,11 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--api-key", default=os.environ.get(API_KEY_ENV), help=f"API key (default: ${API_KEY_ENV})"
     )
-    parser.add_argument("--session", help="resume this session id instead of starting a new one")
+    parser.add_argument(
+        "--session",
+        help="resume this session id instead of starting a new one; write --session=ID "
+        "(an id may start with '-')",
+    )
     parser.add_argument("--temperature", type=float, help="sampling temperature (0 = greedy)")
     parser.add_argument("--max-tokens", type=int, help="longest reply, in tokens")
     parser.add_argument(

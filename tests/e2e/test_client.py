@@ -166,7 +166,9 @@ def test_new_starts_another_session_and_resume_continues_one(
     messages = http.get(f"/v1/sessions/{new_session}").json()["messages"]
     assert [m["content"] for m in messages][:1] == ["Another conversation."]
 
-    resumed = start(terminals, base_url, "--session", old_session, "--temperature", "0", "--max-tokens", "4")
+    resumed = start(
+        terminals, base_url, f"--session={old_session}", "--temperature", "0", "--max-tokens", "4"
+    )
     resumed.expect(rf"resumed session {old_session} \(2 messages")
     resumed.send("Second message.")
     resumed.expect(r"tokens in context\]")
