@@ -23,6 +23,12 @@ docs/BENCHMARKS.md), so under load this keeps every short turn inside the batch;
 call is faster.
 A row's tokens are the ones it would get alone: greedy replies match token for token, and a
 seeded reply does not depend on its batch companions.
+
+Every submitted request gets exactly one GenerationResult, whatever fails: a request is either in the
+inbox (drained as "cancelled" when the thread ends) or live (`_live`), and `_finish` is the only way out
+of `_live`. An error inside one request's work fails that request; an unexpected error in a step fails
+the requests in flight (their batch state may be half-updated) and the loop goes on; if the thread ends
+anyway, it closes the inbox under the same lock `submit` takes, so no request can slip in behind it.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -106,8 +113,9 @@ class ChatEngine:
         # Requests whose prompt is being fed, each with its own batch-size-1 state until it joins a batch.
         self._prefilling: dict[_Running, DecodeState] = {}
         self._batches: list[DecodeBatch[_Running]] = []
-        self._running = 0  # prefilling + decoding
-        self._in_flight = 0
+        self._live: set[_Running] = set()  # prefilling + decoding; _finish takes a request out
+        self._in_flight = 0  # submitted and not yet finished; guarded by _count_lock, as is _closed
+        self._closed = False  # the thread no longer reads the inbox
         self._count_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -128,7 +136,11 @@ class ChatEngine:
         """Queue a request; Overloaded (429) when running and waiting requests are at capacity."""
         if not self.alive:
             raise EngineUnavailable(self._retry_after)
+        handle = GenerationHandle()
+        job = Job(request, handle, asyncio.get_running_loop(), time.perf_counter())
         with self._count_lock:
+            if self._closed:  # the thread ended between the check above and here
+                raise EngineUnavailable(self._retry_after)
             if self._in_flight >= self._capacity:
                 raise Overloaded(
                     f"the server has {self._in_flight} replies running or queued, its limit: retry shortly",
@@ -144,8 +156,7 @@ class ChatEngine:
             self._by_tenant[request.tenant] = held + 1
             self._in_flight += 1
             self._publish_counts()
-        handle = GenerationHandle()
-        self._inbox.put(Job(request, handle, asyncio.get_running_loop(), time.perf_counter()))
+            self._inbox.put(job)  # under the lock: the thread's last drain cannot miss it
         return handle
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -160,21 +171,43 @@ class ChatEngine:
 
     # ---- engine thread: the loop ----------------------------------------------------------------------
     def _run(self) -> None:
-        with torch.inference_mode():
-            while self._admit():
-                self._step()
-            # stop() was called: every request now counts as cancelled and ends at its next step.
-            while self._running:
-                self._step()
-        self._outbox.flush()
-        self._drain_inbox()
+        try:
+            with torch.inference_mode():
+                while self._guarded(self._admit):
+                    self._guarded(self._step)
+                # stop() was called: every request now counts as cancelled and ends at its next step.
+                while self._live:
+                    self._guarded(self._step)
+        finally:  # also when something escaped _guarded: nobody may wait for a result forever
+            self._stopping.set()
+            self._fail_all(EngineUnavailable(self._retry_after))
+            with self._count_lock:
+                self._closed = True
+            self._drain_inbox()
+            self._outbox.flush()
+
+    def _guarded(self, part: Callable[[], bool | None]) -> bool:
+        """Run one part of the loop; an unexpected error fails the requests in flight, not the thread."""
+        try:
+            return part() is not False
+        except Exception as exc:
+            logger.exception("engine step failed: failing the %d requests in flight", len(self._live))
+            self._fail_all(exc)
+            return True
+
+    def _fail_all(self, error: BaseException) -> None:
+        """End every live request with `error`; their batch states may be half-updated, so drop them."""
+        for run in list(self._live):
+            self._finish(run, ("cancelled", error), None)
+        self._prefilling.clear()
+        self._batches = []
 
     def _admit(self) -> bool:
         """Start queued jobs up to max_running; block while idle. False once stop() was called."""
-        while self._running < self._max_running:
+        while len(self._live) < self._max_running:
             self._outbox.flush()  # a refused job's result must not wait behind a blocking get
             try:
-                job = self._inbox.get(block=self._running == 0)
+                job = self._inbox.get(block=not self._live)
             except queue.Empty:
                 break
             if job is None or self._stopping.is_set():
@@ -186,22 +219,33 @@ class ChatEngine:
 
     def _activate(self, job: Job) -> None:
         request = job.request
-        state = request.state if request.state is not None else self.model.init_state(1)
-        run = _Running(
-            job,
-            request.params.make_generator(self.device),
-            StopStringMatcher(request.params.stop_strings),
-        )
+        try:
+            run = _Running(
+                job,
+                request.params.make_generator(self.device),
+                StopStringMatcher(request.params.stop_strings),
+            )
+        except Exception as exc:  # never live: answered here
+            logger.exception("could not start a request")
+            self._post_result(job, GenerationResult([], "", "cancelled", None, 0, exc))
+            return
         self._metrics.queue_time.observe(time.perf_counter() - job.submitted)
-        self._running += 1
+        self._live.add(run)
         self._publish_counts()
         error = self._refusal(request)
         if error is not None:
             self._finish(run, ("cancelled", error), None)
-        elif len(request.feed_ids) <= self._batch_prompt_tokens and self._running > 1:
-            self._join(run, state)  # others are running: its prompt goes through the decode steps
-        else:
-            self._prefilling[run] = state
+            return
+        try:
+            state = request.state if request.state is not None else self.model.init_state(1)
+            if len(request.feed_ids) <= self._batch_prompt_tokens and len(self._live) > 1:
+                self._join(run, state)  # others are running: its prompt goes through the decode steps
+            else:
+                self._prefilling[run] = state
+        except Exception as exc:  # e.g. out of memory for its state: this request fails alone
+            logger.exception("could not start a request")
+            self._prefilling.pop(run, None)
+            self._finish(run, ("cancelled", exc), None)
 
     def _refusal(self, request: GenerationRequest) -> ValueError | None:
         """What would make this request fail inside a batched call (and so fail its companions too)."""
@@ -354,16 +398,25 @@ class ChatEngine:
             self._outbox.post(run.job, text)
 
     def _finish(self, run: _Running, ending: _Ending, state: DecodeState | None) -> None:
-        """Post the result; `state` is the advanced state, or None after an error (it may be half-fed)."""
+        """Post the result, once per request; `state` is the advanced state, or None after an error (it
+        may be half-fed)."""
+        if run not in self._live:
+            return
+        self._live.discard(run)
         reason, error = ending
-        if error is None and not run.stopper.stopped:
-            self._emit(run, run.stopper.push(run.request.decoder.flush()) + run.stopper.flush())
+        try:
+            if error is None and not run.stopper.stopped:
+                self._emit(run, run.stopper.push(run.request.decoder.flush()) + run.stopper.flush())
+            state_tokens = state.seen_tokens() if state is not None and error is None else 0
+        except Exception as exc:  # the detokenizer's last piece: the request fails, never the engine
+            logger.exception("finishing a request failed")
+            reason, error, state_tokens = "cancelled", exc, 0
         result = GenerationResult(
             token_ids=run.token_ids,
             text="".join(run.pieces),
             finish_reason=reason,
             state=state if error is None else None,
-            state_tokens=state.seen_tokens() if state is not None and error is None else 0,
+            state_tokens=state_tokens,
             error=error,
         )
         metrics = self._metrics
@@ -375,9 +428,11 @@ class ChatEngine:
             metrics.request_success.labels(reason).inc()
         else:
             metrics.request_failure.inc()
-        self._running -= 1
-        self._release(run.request)
-        self._outbox.post(run.job, result)
+        self._post_result(run.job, result)
+
+    def _post_result(self, job: Job, result: GenerationResult) -> None:
+        self._release(job.request)
+        self._outbox.post(job, result)
 
     def _drain_inbox(self) -> None:
         """At shutdown: requests that never started finish as cancelled with their state untouched."""
@@ -392,8 +447,7 @@ class ChatEngine:
             result = GenerationResult(
                 [], "", "cancelled", state, state.seen_tokens() if state is not None else 0
             )
-            self._release(job.request)
-            job.post(result)
+            self._post_result(job, result)
 
     def _release(self, request: GenerationRequest) -> None:
         """A request of submit() has ended: free its slot and its tenant's."""
@@ -407,6 +461,6 @@ class ChatEngine:
             self._publish_counts()
 
     def _publish_counts(self) -> None:
-        running = self._running
+        running = len(self._live)
         self._metrics.requests_running.set(running)
         self._metrics.requests_waiting.set(max(0, self._in_flight - running))
