@@ -425,9 +425,12 @@ class Turn:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         try:
-            if not self._finish_called and self._handle is not None:
-                # The block ended early (client gone, or an error): keep what was generated.
+            if self._outcome is None and self._handle is not None:
+                # The block ended early (client gone, an error, or a wait inside finish() cancelled):
+                # the engine stops the row at its next step instead of generating for nobody.
                 self._handle.cancel()
+            if not self._finish_called and self._handle is not None:
+                # Keep what was generated.
                 try:
                     await self.finish()
                 except Exception:  # the original error, if any, is the one to report

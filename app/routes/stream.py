@@ -11,6 +11,12 @@ app/security.py), a bad key (401) and a session that is missing or another key's
 Each frame but a cancel spends the caller's rate-limit budget like a REST request. A disconnect or a
 cancel stops generation within one decode step, and the turn is stored with what was generated, as
 "cancelled"; so does a client that reads nothing for SEND_TIMEOUT_SECONDS (app/protocols.py).
+
+Every message frame the server reads ends in exactly one `done` or `error` frame for it (or the socket
+closes): a busy refusal is its error frame; a turn's one terminal frame is sent in one place
+(`_Connection._answer`), whatever failed, an unexpected exception included (`internal_error`); and the
+connection is idle again before that frame goes out, so a client that answers it at once is never
+refused as busy.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from pydantic import TypeAdapter, ValidationError
 from starlette.websockets import WebSocketDisconnect
 
 from app.auth import bearer_token
-from app.chat import ChatService, Turn
+from app.chat import ChatService, Turn, TurnOutcome
 from app.deps import ServicesDep, valid_session_id
 from app.errors import InvalidRequest, ServiceError, SessionBusy
 from app.ratelimit import RateLimiter, caller_identity
@@ -41,8 +47,12 @@ logger = logging.getLogger(__name__)
 router = APIRouter(tags=["stream"])
 
 _FRAME = TypeAdapter(ClientFrame)
-# Errors that mean the client is gone: sending to it is pointless.
+# Errors of the socket's own calls that mean the client is gone: sending to it is pointless.
 _GONE = (WebSocketDisconnect, RuntimeError, OSError)
+
+
+class _ClientGone(Exception):
+    """Sending a frame failed: the client is gone, and nothing more can reach it."""
 
 
 def _frame_error(exc: ValidationError) -> InvalidRequest:
@@ -75,13 +85,8 @@ class _Connection:
         reader = asyncio.create_task(self._read())
         try:
             while (frame := await self._inbox.get()) is not None:
-                try:
-                    await self._run_turn(frame)
-                except ServiceError as exc:
-                    await self._send_error(exc)
-                finally:
-                    self._busy = False
-        except _GONE:
+                await self._answer(frame)
+        except _ClientGone:
             logger.debug("websocket of session %s went away mid-turn", self._session_id)
         finally:
             reader.cancel()
@@ -143,7 +148,22 @@ class _Connection:
         except ValidationError as exc:
             raise _frame_error(exc) from exc
 
-    async def _run_turn(self, frame: MessageFrame) -> None:
+    async def _answer(self, frame: MessageFrame) -> None:
+        """Run one accepted message and send its one terminal frame: `done`, or `error` whatever failed."""
+        try:
+            outcome = await self._run_turn(frame)
+            end = {"type": "done", **reply_out(outcome).model_dump(exclude_none=True)}
+        except _ClientGone:
+            raise
+        except ServiceError as exc:
+            end = error_frame(exc)
+        except Exception:  # a bug must still answer the message, and leave the socket usable
+            logger.exception("websocket turn of session %s failed", self._session_id)
+            end = error_frame(ServiceError("internal server error; see the server log"))
+        self._busy = False  # idle before the frame goes out: the client may send its next message at once
+        await self._send(end)
+
+    async def _run_turn(self, frame: MessageFrame) -> TurnOutcome:
         chat = self._chat
         content = chat.check_content(frame.content)
         params = chat.sampling_params(frame)
@@ -160,14 +180,18 @@ class _Connection:
                 outcome = await turn.finish()
             finally:
                 self._turn = None
-        await self._send({"type": "done", **reply_out(outcome).model_dump(exclude_none=True)})
+        return outcome
 
     async def _send(self, frame: dict[str, Any]) -> None:
+        text = json.dumps(frame, ensure_ascii=False)
         async with self._send_lock:
-            await self._ws.send_text(json.dumps(frame, ensure_ascii=False))
+            try:
+                await self._ws.send_text(text)
+            except _GONE as exc:
+                raise _ClientGone from exc
 
     async def _send_error(self, exc: ServiceError) -> None:
-        with contextlib.suppress(*_GONE):
+        with contextlib.suppress(_ClientGone):
             await self._send(error_frame(exc))
 
 
