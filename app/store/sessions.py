@@ -30,7 +30,6 @@ all the keys it touches in KEYS, and they are always keys of one session, so one
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import secrets
@@ -442,13 +441,16 @@ class SessionStore:
         lock = await self.try_lock(session_id, owner, token)
         if lock is None:
             raise SessionBusy(session_id)
-        renewer = asyncio.create_task(self._keep_renewed(session_id, token))
+        released = asyncio.Event()
+        renewer = asyncio.create_task(self._keep_renewed(session_id, token, released))
         try:
             yield lock
         finally:
-            renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewer
+            # Not renewer.cancel(): a cancel that lands as a renewal's command completes can be swallowed
+            # inside redis-py (asyncio.wait_for on Python 3.11), and the renewer would then run forever
+            # with this turn waiting for it; the event ends it after at most the command in flight.
+            released.set()
+            await renewer
             try:
                 await self.unlock(session_id, token)
             except StoreUnavailable:
@@ -456,9 +458,14 @@ class SessionStore:
                     "could not release the lock of session %s; it expires in %d ms", session_id, self.lock_ms
                 )
 
-    async def _keep_renewed(self, session_id: str, token: str) -> None:
+    async def _keep_renewed(self, session_id: str, token: str, released: asyncio.Event) -> None:
         while True:
-            await asyncio.sleep(self.lock_ms / 3000)
+            try:
+                async with asyncio.timeout(self.lock_ms / 3000):
+                    await released.wait()
+                return
+            except TimeoutError:
+                pass  # a third of the lock's lifetime passed: renew
             try:
                 if not await self.renew_lock(session_id, token):
                     logger.warning(

@@ -7,6 +7,7 @@ through the cluster client, where each script must find all its keys on one slot
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -197,5 +198,53 @@ def test_unreachable_redis_is_store_unavailable_with_retry_after(scheme: str) ->
         finally:
             await client.aclose()
         assert metrics.redis_errors.labels("create")._value.get() == 1
+
+    asyncio.run(main())
+
+
+def test_releasing_the_lock_never_waits_on_a_renewal_that_swallowed_its_cancel(
+    redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 14's lost reply: a turn's release cancelled its renewer while a renewal's command was
+    completing; asyncio.wait_for inside redis-py (Python 3.11) can swallow that cancel, the renewer ran
+    on forever and the turn never got past its release to send `done`. Injected here: a renewal that
+    swallows a cancel as that race does. The release must finish before any later renewal starts."""
+    real_renew = SessionStore.renew_lock
+    in_flight, renewed_again = asyncio.Event(), asyncio.Event()
+    calls = 0
+
+    async def renew_swallowing_cancel(self: SessionStore, session_id: str, token: str) -> bool:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            renewed_again.set()
+        in_flight.set()
+        with contextlib.suppress(asyncio.CancelledError):  # what the race inside redis-py does
+            await asyncio.sleep(0.05)  # the command in flight when the turn ends
+        return await real_renew(self, session_id, token)
+
+    monkeypatch.setattr(SessionStore, "renew_lock", renew_swallowing_cancel)
+
+    async def main() -> None:
+        store, client = make_store(Target(TEST_REDIS_URL, redis_prefix), lock_seconds=0.3)
+        try:
+            sid = (await store.create("alice")).session_id
+            release = asyncio.Event()
+
+            async def hold() -> None:
+                async with store.turn_lock(sid, "alice"):
+                    await release.wait()
+
+            holder = asyncio.create_task(hold())
+            await in_flight.wait()  # a renewal is in flight: end the turn now
+            release.set()
+            await asyncio.wait(
+                {holder, asyncio.create_task(renewed_again.wait())}, return_when="FIRST_COMPLETED"
+            )
+            assert holder.done(), "the turn is still waiting for its renewer after releasing the lock"
+            async with store.turn_lock(sid, "alice"):  # and the lock is free again
+                pass
+        finally:
+            await client.aclose()
 
     asyncio.run(main())
