@@ -83,6 +83,12 @@ class Metrics:
             registry=r,
         )
         self.generation_tokens = Counter(f"{PREFIX}_generation_tokens", "Generated tokens.", registry=r)
+        self.decode_steps = Counter(f"{PREFIX}_decode_steps", "Batched decode steps.", registry=r)
+        self.decode_step_rows = Counter(
+            f"{PREFIX}_decode_step_rows",
+            "Rows over all batched decode steps (divided by decode_steps: how full the batch runs).",
+            registry=r,
+        )
         self.request_success = Counter(
             f"{PREFIX}_request_success",
             "Finished generations by finish reason.",

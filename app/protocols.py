@@ -205,6 +205,9 @@ def uvicorn_config(settings: Settings, app: ASGIApp, host: str, port: int) -> uv
             BoundedWebSocketProtocol, send_timeout=settings.send_timeout_seconds
         ),
         ws_max_size=settings.max_body_bytes,
+        # A token frame is a few dozen bytes: deflating each one costs the event loop CPU per token
+        # (shared with the engine thread under the GIL) and saves nothing.
+        ws_per_message_deflate=False,
         proxy_headers=bool(settings.trusted_proxy_ips),
         forwarded_allow_ips=list(settings.trusted_proxy_ips),
         limit_concurrency=settings.max_connections or None,

@@ -4,7 +4,10 @@ Continuous batching means rows join and leave between steps as replies start and
 row's state at every step, or at every join and leave, would copy all of them (megabytes per row) for a
 decode step that costs a fraction of that; so `SlotBatch` keeps the rows in one preallocated state and
 touches a row only when it joins (one row copied in) or leaves (one row copied out, the last row moved
-into the hole). The step itself decodes a view of the first `len(batch)` rows, in place.
+into the hole). The step itself decodes a view of the first `len(batch)` rows, in place. A leaving row
+is copied into the buffer of a state that joined earlier (the joiner's batch-size-1 state is not used
+again once copied in) rather than into a fresh clone: a fresh multi-megabyte block is a new mapping whose
+pages all fault on first touch.
 
 That needs fixed-size states, which lsh/local models have whatever a conversation's length. A model with
 "full" layers has states that grow, and those stack only at equal lengths: it gets a `SoloBatch` per
@@ -53,6 +56,7 @@ class SlotBatch(Generic[M]):
         self._model = model
         self._max_rows = max_rows
         self._pool: DecodeState | None = None  # capacity rows; rows [0, len) are live
+        self._spare: list[DecodeState] = []  # joiners' batch-size-1 states, reused for leaving rows
         self.members: list[M] = []
 
     def __len__(self) -> int:
@@ -76,6 +80,8 @@ class SlotBatch(Generic[M]):
             pool = self._grow(min(self._max_rows, max(1, 2 * row)))
         pool.copy_rows_(slice(row, row + 1), state)
         self.members.append(member)
+        if len(self._spare) < self._max_rows:
+            self._spare.append(state)
 
     def decode(self, tokens: Tensor) -> Tensor:
         rows = len(self.members)
@@ -90,7 +96,7 @@ class SlotBatch(Generic[M]):
         if self._pool is None:
             raise ValueError("the batch is empty")
         rows = [next(i for i, live in enumerate(self.members) if live is m) for m in members]
-        states = [self._pool.rows(slice(r, r + 1)).clone() for r in rows]
+        states = [self._take_out(self._pool, r) for r in rows]
         # Fill each hole with the current last row, highest holes first so no live row is overwritten.
         for row in sorted(rows, reverse=True):
             last = len(self.members) - 1
@@ -99,8 +105,17 @@ class SlotBatch(Generic[M]):
                 self.members[row] = self.members[last]
             self.members.pop()
         if not self.members:
-            self._pool = None  # an idle server holds no batch memory
+            self._pool, self._spare = None, []  # an idle server holds no batch memory
         return states
+
+    def _take_out(self, pool: DecodeState, row: int) -> DecodeState:
+        """Row `row` of the pool as a batch-size-1 state of its own, in a spare buffer when there is one."""
+        live = pool.rows(slice(row, row + 1))
+        if not self._spare:
+            return live.clone()
+        out = self._spare.pop()
+        out.copy_rows_(slice(0, 1), live)
+        return out
 
     def _grow(self, capacity: int) -> DecodeState:
         """Reallocate for `capacity` rows, keeping the live ones (doubling keeps this rare)."""

@@ -334,6 +334,8 @@ class ChatEngine:
         if not rows:
             return
         inputs = [run.request.feed_ids[run.fed] if run.unfed else run.pending for run in rows]
+        self._metrics.decode_steps.inc()
+        self._metrics.decode_step_rows.inc(len(rows))
         try:
             logits = batch.decode(torch.tensor(inputs, dtype=torch.long, device=self.device))  # (B, V)
             for run in rows:
