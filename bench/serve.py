@@ -56,6 +56,7 @@ GROW_TOKENS = 4096  # user tokens per history-building message
 TURN_TOKENS = MESSAGE_TOKENS + 3 + REPLY_TOKENS + 1  # role, text, end, assistant prefix, reply, end
 PRIME_TOKENS = 200  # history each concurrent conversation starts with
 STATE_BYTES = "reformer_chat_state_cache_bytes"
+STEPS, STEP_ROWS = "reformer_chat_decode_steps_total", "reformer_chat_decode_step_rows_total"
 # glibc raises its mmap threshold after big frees, so later big tensors come from (and stay in) the heap:
 # RSS then keeps whatever peak the heap reached. A fixed threshold hands big blocks back on free.
 FIXED_MMAP = {"MALLOC_MMAP_THRESHOLD_": "131072"}
@@ -210,9 +211,10 @@ class Bench:
     def crowd(self) -> None:
         """Many conversations at once, each taking back-to-back turns."""
         args = self.args
+        max_running = args.max_running or max(args.concurrency)
         for precision in args.precisions:
             spec = self.spec(
-                f"stateful-crowd-{precision}", max_running=max(args.concurrency), env={"PRECISION": precision}
+                f"stateful-crowd-{precision}", max_running=max_running, env={"PRECISION": precision}
             )
             server = self.start(spec)
             try:
@@ -250,10 +252,13 @@ class Bench:
                 f"{count} conversation{'s' if count > 1 else ''} at once",
                 len(records),
                 before,
-                server.metrics(),
+                after := server.metrics(),
             )
         )
         row = crowd_row(count, records, wall, cpu)
+        steps = (gauge(after, STEPS) or 0) - (gauge(before, STEPS) or 0)
+        rows = (gauge(after, STEP_ROWS) or 0) - (gauge(before, STEP_ROWS) or 0)
+        row["rows_per_step"] = rows / steps if steps else None
         LOG.info("%d conversations: %.1f tokens/s, %d errors", count, row["tokens_per_s"], row["errors"])
         return row
 
@@ -331,6 +336,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--full-warm-turns", type=int, default=2)
     parser.add_argument("--concurrency", type=ints, default=[1, 4, 16, 64])
     parser.add_argument("--crowd-turns", type=int, default=2, help="turns per conversation in phase 2")
+    parser.add_argument(
+        "--max-running", type=int, help="crowd server's MAX_RUNNING_REQUESTS (default: most conversations)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="TORCH_THREADS of the servers")
     parser.add_argument(
         "--precisions",

