@@ -219,6 +219,13 @@ def targets(payload: dict[str, Any]) -> list[dict[str, Any]]:
             high = max(rss)
             values = {"memory": rss[high] / rss[1024]}
             found.append(target(label, f"server RSS at {kilo(high)}", "at 1K", values, "<= 1.05"))
+    busy = sorted({t["history"] for t in turns if t["mode"] == "busy"})
+    if len(busy) > 1:
+        low, high = busy[0], busy[-1]
+        slow, fast = _median(turns, "busy", high, "latency_s"), _median(turns, "busy", low, "latency_s")
+        values = {"wall": slow / fast} if slow and fast else {}
+        label = f"turn at {kilo(high)}, others streaming"
+        found.append(target("busy turn flat", label, f"at {kilo(low)}", values, "<= 1.2"))
     by_count = {r["conversations"]: r for r in crowd}
     for count, goal in ((16, ">= 6"), (64, ">= 8")):
         if 1 not in by_count or count not in by_count:

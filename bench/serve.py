@@ -16,6 +16,9 @@ baselines people run today, all against live `python -m app` servers driven over
    TTFT and inter-token latency percentiles, errors; once per --precisions (PRECISION of the server:
    fp32, bf16), side by side.
 3. Redis: time per operation and per turn, from the servers' own Prometheus histograms.
+4. Busy (issue 14): a conversation at --busy-history tokens and one at 100 take turns in alternation while
+   --busy-crowd others stream back-to-back turns on the same server; a long history must not make a turn
+   slower when the batch is full of other conversations.
 """
 
 from __future__ import annotations
@@ -60,6 +63,9 @@ STEPS, STEP_ROWS = "reformer_chat_decode_steps_total", "reformer_chat_decode_ste
 # glibc raises its mmap threshold after big frees, so later big tensors come from (and stay in) the heap:
 # RSS then keeps whatever peak the heap reached. A fixed threshold hands big blocks back on free.
 FIXED_MMAP = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+# Cache room per conversation of the crowd phases (the shipped model's state is 8.3 MB): 64 conversations
+# in the default 256 MiB would rebuild every state at every turn, measuring the cache and not batching.
+CROWD_STATE_BYTES = 12 << 20
 FULL_CACHE_BYTES = 8 << 30  # a 64K-token "full" state is 256 MiB: cache it, the baseline's best case
 
 
@@ -87,9 +93,12 @@ class Bench:
         cache: bool = True,
         max_running: int = 16,
         env: dict[str, str] | None = None,
+        sessions: int = 0,
     ) -> ServerSpec:
+        """`sessions`: conversations that must all keep their states cached (the crowd phases)."""
         model_dir = Path(self.args.full_model_dir if full else self.args.model_dir)
-        cache_bytes = (FULL_CACHE_BYTES if full else 256 << 20) if cache else 0
+        room = FULL_CACHE_BYTES if full else max(256 << 20, sessions * CROWD_STATE_BYTES)
+        cache_bytes = room if cache else 0
         # A "cold" turn here is the rebuild from the stored ids; resuming from a snapshot is
         # bench/resume.py's subject.
         env = {"SNAPSHOTS_ENABLED": "false", "PRECISION": self.args.precisions[0], **(env or {})}
@@ -212,9 +221,13 @@ class Bench:
         """Many conversations at once, each taking back-to-back turns."""
         args = self.args
         max_running = args.max_running or max(args.concurrency)
+        sessions = max(args.concurrency)
         for precision in args.precisions:
             spec = self.spec(
-                f"stateful-crowd-{precision}", max_running=max_running, env={"PRECISION": precision}
+                f"stateful-crowd-{precision}",
+                max_running=max_running,
+                env={"PRECISION": precision},
+                sessions=sessions,
             )
             server = self.start(spec)
             try:
@@ -222,6 +235,61 @@ class Bench:
                     self.concurrency.append({**self._crowd(server, count), "precision": precision})
             finally:
                 server.stop()
+
+    def busy(self) -> None:
+        """Warm turns of a long and a short conversation, alternating, while a crowd streams."""
+        args = self.args
+        spec = self.spec("stateful-busy", max_running=args.busy_crowd + 2, sessions=args.busy_crowd + 2)
+        with self.start(spec) as server:
+            long_id, short_id = create_session(server), create_session(server)
+            contexts = {
+                args.busy_history: self.grow(server, long_id, args.busy_history, 0),
+                100: self.grow(server, short_id, 100, 0),
+            }
+            sessions = {args.busy_history: long_id, 100: short_id}
+            crowd = [create_session(server) for _ in range(args.busy_crowd)]
+            crowd_turns = 0
+
+            async def stream_until(session_id: str, stop: asyncio.Event, seed: int) -> None:
+                nonlocal crowd_turns
+                params = self.messages.reply_params(REPLY_TOKENS, seed)
+                while not stop.is_set():
+                    record = await run_turn(server, session_id, self.messages.make(MESSAGE_TOKENS), params)
+                    if record.error is not None:
+                        raise RuntimeError(f"a crowd turn failed: {record.error}")
+                    crowd_turns += 1
+
+            async def measured() -> None:
+                stop = asyncio.Event()
+                streams = [asyncio.create_task(stream_until(s, stop, 1000 + i)) for i, s in enumerate(crowd)]
+                while crowd_turns < len(crowd):  # every crowd conversation is streaming by now
+                    await asyncio.sleep(0.1)
+                for turn in range(args.busy_turns):
+                    for history in (args.busy_history, 100) if turn % 2 else (100, args.busy_history):
+                        self._seed += 1
+                        params = self.messages.reply_params(REPLY_TOKENS, self._seed)
+                        record = await run_turn(
+                            server, sessions[history], self.messages.make(MESSAGE_TOKENS), params
+                        )
+                        if record.error is not None:
+                            raise RuntimeError(f"a measured busy turn failed: {record.error}")
+                        self.turns.append(
+                            {
+                                "mode": "busy",
+                                "history": history,
+                                "context_before": contexts[history],
+                                "ttft_s": record.ttft,
+                                "latency_s": record.latency,
+                                "server_cpu_s": None,
+                                "completion_tokens": record.completion_tokens,
+                            }
+                        )
+                        contexts[history] = record.context_tokens
+                        LOG.info("busy: history %6d: turn %.3f s", history, record.latency)
+                stop.set()
+                await asyncio.gather(*streams)
+
+            asyncio.run(measured())
 
     def _crowd(self, server: ServerProcess, count: int) -> dict[str, Any]:
         sessions = [create_session(server) for _ in range(count)]
@@ -339,6 +407,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--max-running", type=int, help="crowd server's MAX_RUNNING_REQUESTS (default: most conversations)"
     )
+    parser.add_argument("--busy-history", type=int, default=65536, help="the long conversation of phase 4")
+    parser.add_argument("--busy-crowd", type=int, default=16, help="conversations streaming in phase 4")
+    parser.add_argument("--busy-turns", type=int, default=6, help="measured turns per conversation, phase 4")
     parser.add_argument("--threads", type=int, default=1, help="TORCH_THREADS of the servers")
     parser.add_argument(
         "--precisions",
@@ -381,7 +452,7 @@ def main() -> None:
     bench = Bench(args, redis_url, workdir)
     started = time.perf_counter()
     try:
-        for phase in ("flat", "full", "crowd"):
+        for phase in ("flat", "full", "crowd", "busy"):
             if phase in phases:
                 getattr(bench, phase)()
                 save(bench, args, time.perf_counter() - started, final=False)  # a later crash keeps this
