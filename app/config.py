@@ -71,8 +71,10 @@ class Settings(BaseSettings):
     snapshot_max_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
     prefill_chunk_tokens: int = Field(default=512, ge=1)
     batch_prompt_tokens: int = Field(default=32, ge=0)
-    max_running_requests: int = Field(default=16, ge=1)
-    max_waiting_requests: int = Field(default=32, ge=0)
+    # Chosen from bench/serve.py at 16 and 64 conversations (docs/BENCHMARKS.md, issue 14): once the
+    # engine is saturated, more rows trade inter-token latency for time to first token and CPU per token.
+    max_running_requests: int = Field(default=64, ge=1)
+    max_waiting_requests: int = Field(default=64, ge=0)
     max_requests_per_key: int | None = Field(default=None, ge=1)
     max_prompt_tokens: int = Field(default=8192, ge=1)
     max_sessions_per_key: int = Field(default=1000, ge=0)
