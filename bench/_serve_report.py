@@ -275,7 +275,7 @@ def plots(payload: dict[str, Any], out: Path, name: str) -> None:
         mode: [(m["history"], m["rss_bytes"] / MB) for m in payload["memory"] if m["mode"] == mode]
         for mode in ("stateful", "stateful-fixed-mmap", "full")
     }
-    if turns:
+    if any(t["mode"] in modes for t in turns):  # the busy phase's turns alone have no flat curve
         plot(
             out / f"{name}_flat.png",
             [
