@@ -24,6 +24,7 @@ from model.tokenizer import ChatTokenizer
 from model.train import corpus
 from model.train.corpus import Message, Split
 from model.train.distributed import DistContext
+from model.train.memory import MemoryEpochs
 from model.train.options import TrainOptions
 from model.train.packing import CORPUS_CACHE_VERSION, PackedEpochs, PackedWindows, TokenizedCorpus
 
@@ -142,7 +143,7 @@ class RunData:
 
     tokenizer_file: Path
     vocab_size: int
-    train: PackedEpochs
+    train: PackedEpochs | MemoryEpochs
     valid: PackedWindows
     valid_index: np.ndarray  # the windows of `valid` every evaluation uses
     test: PackedWindows
@@ -168,10 +169,16 @@ def prepare_run_data(options: TrainOptions, ctx: DistContext) -> RunData:
     valid = PackedWindows(corpora["valid"].stream(), options.seq_len)
     test = PackedWindows(corpora["test"].stream(), options.seq_len)
     test_count = len(test) if options.test_batches is None else options.test_batches * options.batch_size
+    tokenizer = ChatTokenizer.load(tokenizer_file)
+    train: PackedEpochs | MemoryEpochs = PackedEpochs(corpora["train"], options.seq_len, options.seed)
+    mix = options.memory_mix()
+    if mix.enabled:
+        # Episodes edit the training windows only: validation and test stay unedited held-out chat.
+        train = MemoryEpochs(train, tokenizer, mix, options.seed)
     data = RunData(
         tokenizer_file=tokenizer_file,
-        vocab_size=ChatTokenizer.load(tokenizer_file).vocab_size,
-        train=PackedEpochs(corpora["train"], options.seq_len, options.seed),
+        vocab_size=tokenizer.vocab_size,
+        train=train,
         valid=valid,
         valid_index=spread(options.eval_batches * options.batch_size, len(valid)),
         test=test,

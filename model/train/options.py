@@ -15,6 +15,7 @@ from typing import Any
 
 from model.config import ReformerConfig
 from model.precision import PRECISIONS
+from model.train.memory import MemoryMix
 
 PRESETS = ("tiny", "small", "base")
 
@@ -29,7 +30,8 @@ MODEL_FIELDS = (
 TRAJECTORY_FIELDS = (
     "preset", "d_model", "n_layers", "attn_layers", "bucket_size", "n_buckets", "n_hashes", "dropout",
     "reversible", "seq_len", "batch_size", "lr", "weight_decay", "grad_clip", "warmup_steps", "steps",
-    "seed", "vocab_size", "data_limit",
+    "seed", "vocab_size", "data_limit", "fact_rate", "max_facts", "copy_rate", "memory_min_gap",
+    "memory_start_gap", "memory_curriculum_steps",
 )  # fmt: skip
 
 
@@ -70,6 +72,15 @@ class TrainOptions:
     tokenizer: Path | None = None
     # Only the first N conversations of each split: for tests and quick experiments.
     data_limit: int | None = None
+    # Memory episodes mixed into the training windows (model/train/memory.py says what and why). Off by
+    # default, so a run without these flags trains exactly as before.
+    fact_rate: float = 0.0
+    max_facts: int = 3
+    copy_rate: float = 0.0
+    memory_min_gap: int = 16
+    memory_start_gap: int = 128
+    # Optimizer steps over which the largest gap grows from memory_start_gap to seq_len; 0: at once.
+    memory_curriculum_steps: int = 0
     resume: bool = False
     device: str = "auto"
     # bf16 autocast with fp32 master weights where the hardware multiplies bf16 natively (CUDA, AMX or
@@ -96,6 +107,18 @@ class TrainOptions:
             raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.test_batches is not None and self.test_batches < 1:
             raise ValueError(f"--test-batches must be >= 1, got {self.test_batches}")
+        self.memory_mix()  # validates the memory options
+
+    def memory_mix(self) -> MemoryMix:
+        """The memory-episode mix these options ask for (disabled unless a rate is > 0)."""
+        return MemoryMix(
+            fact_rate=self.fact_rate,
+            max_facts=self.max_facts,
+            copy_rate=self.copy_rate,
+            min_gap=self.memory_min_gap,
+            start_gap=self.memory_start_gap,
+            curriculum_windows=self.memory_curriculum_steps * self.batch_size,
+        )
 
     def model_config(self, vocab_size: int) -> ReformerConfig:
         """The preset with the overrides applied, sized to the tokenizer and the training length."""
@@ -135,10 +158,12 @@ class TrainOptions:
     def trajectory_mismatches(self, saved: dict[str, Any]) -> list[str]:
         """The trajectory options that differ from a saved run's, as "--flag now (was then)" strings."""
         now = self.to_dict()
+        # A run saved before an option existed ran with that option's default.
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
         return [
-            f"--{name.replace('_', '-')} {now[name]!r} (the run used {saved.get(name)!r})"
+            f"--{name.replace('_', '-')} {now[name]!r} (the run used {saved.get(name, defaults[name])!r})"
             for name in TRAJECTORY_FIELDS
-            if now[name] != saved.get(name)
+            if now[name] != saved.get(name, defaults[name])
         ]
 
 
@@ -187,6 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--vocab-size", type=int, default=8000, help="pieces of a new tokenizer (%(default)s)")
     data.add_argument("--tokenizer", type=Path, help="reuse this SentencePiece model instead of training one")
     data.add_argument("--data-limit", type=int, help="use only the first N conversations of each split")
+    memory = parser.add_argument_group("memory episodes (model/train/memory.py)").add_argument
+    memory("--fact-rate", type=float, default=0.0, help="share of windows with facts (%(default)s)")
+    memory("--max-facts", type=int, default=3, help="facts per such window, at most (%(default)s)")
+    memory("--copy-rate", type=float, default=0.0, help="share of windows with a copy span (%(default)s)")
+    memory("--memory-min-gap", type=int, default=16, help="fewest tokens statement->question (%(default)s)")
+    memory("--memory-start-gap", type=int, default=128, help="largest gap at step 0 (%(default)s)")
+    memory("--memory-curriculum-steps", type=int, default=0,
+           help="steps until the largest gap reaches --seq-len; 0: at once (%(default)s)")  # fmt: skip
     run = parser.add_argument_group("run").add_argument
     run("--resume", action="store_true", help="continue the run in --out from train_state.pt")
     run("--device", choices=("auto", "cpu", "cuda"), default="auto", help="(default %(default)s)")
