@@ -4,7 +4,7 @@ One generator serves training (model/train/memory.py mixes its episodes into rea
 evaluation (bench/recall.py), so both speak the same kinds of facts. What keeps the evaluation honest is the
 split: every value and every phrasing belongs to exactly one side, "train" or "eval", decided once.
 
-- Values are split by a SHA-256 of the kind's pool and the value (one in four goes to eval), so a name the
+- Values are split by a SHA-256 of the value (one in four goes to eval), so a name the
   benchmark asks about was never the answer of a training episode, and the split does not move when a pool
   grows. Numbers and dates are drawn from large ranges and split the same way.
 - Phrasings (statement and question templates) are listed per kind as train or eval. The benchmark reports
@@ -268,9 +268,10 @@ def _pool(name: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(values))  # de-duplicated, order kept
 
 
-def side_of(pool: str, value: str) -> Side:
-    """A value's side, from a SHA-256 of (pool, value): stable across processes, runs and pool growth."""
-    digest = hashlib.sha256(f"{pool}|{value}".encode()).digest()
+def side_of(value: str) -> Side:
+    """A value's side, from a SHA-256 of its lowercased spelling: stable across processes, runs and pool
+    growth, and the same in every pool ("Bruno" is a name and a pet: one side for both)."""
+    digest = hashlib.sha256(value.lower().encode()).digest()
     return "eval" if int.from_bytes(digest[:8], "big") % EVAL_SLOTS == 0 else "train"
 
 
@@ -281,7 +282,7 @@ def values_of(pool: str, side: Side) -> tuple[str, ...]:
     """The pool's values on one side (cached: the number pool has ten thousand entries)."""
     key = (pool, side)
     if key not in _VALUES:
-        _VALUES[key] = tuple(v for v in _pool(pool) if side_of(pool, v) == side)
+        _VALUES[key] = tuple(v for v in _pool(pool) if side_of(v) == side)
     return _VALUES[key]
 
 

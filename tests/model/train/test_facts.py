@@ -15,8 +15,8 @@ def test_value_sides_partition_the_pool_and_both_are_used(pool: str) -> None:
     train, held_out = set(values_of(pool, "train")), set(values_of(pool, "eval"))
     assert train and held_out
     assert not train & held_out
-    assert all(side_of(pool, value) == "train" for value in train)
-    assert all(side_of(pool, value) == "eval" for value in held_out)
+    assert all(side_of(value) == "train" for value in train)
+    assert all(side_of(value) == "eval" for value in held_out)
 
 
 @pytest.mark.parametrize("kind", KINDS, ids=lambda kind: kind.key)
@@ -35,7 +35,7 @@ def test_a_fact_takes_its_value_and_its_phrasing_from_the_sides_asked(value_side
     for _ in range(300):
         fact = make_fact(rng, value_side, phrasing_side)
         kind = by_key[fact.kind]
-        assert side_of(kind.pool, fact.value) == value_side
+        assert side_of(fact.value) == value_side
         statements = [t.format(v=fact.value) for t in kind.statements[phrasing_side]]
         assert fact.statement.lower() in [s.lower() for s in statements]
         assert fact.question in kind.questions[phrasing_side]

@@ -107,7 +107,7 @@ def test_every_question_follows_its_statement_and_is_answered_with_the_value_in_
             assert len(episode["statements"]) == 1, "one statement per kind and window"
             statement, side, value = episode["statements"][0]
             assert "train" in side
-            assert side_of(kind.pool, value) == "train"
+            assert side_of(value) == "train"
             assert value.lower() in answer.text.lower()
             gap = question.start - statement.start
             assert gap >= mix.min_gap
