@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from model import ChatTokenizer, DecodeState, ReformerLM, decode_step, prefill
-from model.copy_spans import draw_span
-from model.data import Message
-from model.facts import KINDS, Side, make_fact, reply_has_value
+from model.train.copy_spans import draw_span
+from model.train.corpus import Message
+from model.train.facts import KINDS, Side, make_fact, reply_has_value
 
 # Tokens of held-out chat before a copy span's first occurrence, so it is not read at position 0 of a stream
 # (where any model is at its worst) while the second occurrence sits thousands of tokens in.

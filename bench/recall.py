@@ -8,10 +8,10 @@
 Three measurements per subject (bench/_recall_probes.py has the details), subjects side by side:
 - copy: a span of ordinary words opens a user turn, held-out chat follows, the same span opens a user turn
   again after each gap; perplexity of the second occurrence over the first (1.0 = no recall; 0 = perfect);
-- facts: an eval-side fact (value and phrasing never in training, model/facts.py) opens the first user turn,
-  held-out chat follows, the user asks; the greedy reply must contain the value. Samples alternate seen and
-  unseen phrasings, and kinds round-robin. Also per gap: the decode state's bytes when the question is asked
-  and CPU ms per generated token;
+- facts: an eval-side fact (value and phrasing never in training, model/train/facts.py) opens the first user
+  turn, held-out chat follows, the user asks; the greedy reply must contain the value. Samples alternate
+  seen and unseen phrasings, and kinds round-robin. Also per gap: the decode state's bytes when the question
+  is asked and CPU ms per generated token;
 - plain chat: test-split bits per character of message text (role and end-token losses counted, message
   characters in the denominator), in windows of each model's training length.
 Prints a markdown table; writes bench/results/recall.json and recall.png.
@@ -33,8 +33,8 @@ from bench._common import Panel, environment, kilo, markdown_table, plot, write_
 from bench._recall_probes import CopyResult, FactResult, bits_per_char, copy_probe, fact_probe, filler_turns
 from model import load_checkpoint
 from model.checkpoint import read_training_info
-from model.data import conversations
-from model.facts import SIDES
+from model.train.corpus import conversations
+from model.train.facts import SIDES
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_GAPS = (256, 1024, 4096, 16384, 65536)

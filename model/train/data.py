@@ -170,11 +170,10 @@ def prepare_run_data(options: TrainOptions, ctx: DistContext) -> RunData:
     test = PackedWindows(corpora["test"].stream(), options.seq_len)
     test_count = len(test) if options.test_batches is None else options.test_batches * options.batch_size
     tokenizer = ChatTokenizer.load(tokenizer_file)
-    train: PackedEpochs | MemoryEpochs = PackedEpochs(corpora["train"], options.seq_len, options.seed)
+    packed = PackedEpochs(corpora["train"], options.seq_len, options.seed)
     mix = options.memory_mix()
-    if mix.enabled:
-        # Episodes edit the training windows only: validation and test stay unedited held-out chat.
-        train = MemoryEpochs(train, tokenizer, mix, options.seed)
+    # Episodes edit the training windows only: validation and test stay unedited held-out chat.
+    train = MemoryEpochs(packed, tokenizer, mix, options.seed) if mix.enabled else packed
     data = RunData(
         tokenizer_file=tokenizer_file,
         vocab_size=tokenizer.vocab_size,

@@ -11,8 +11,8 @@ staying real chat everywhere else:
   answer can be predicted, and only from the statement. Values and phrasings come from the train side of
   model/train/facts.py; the benchmark asks with the eval side.
 - **Copy spans.** A run of ordinary words (model/train/copy_spans.py) opens one user turn and opens another
-  one at least `gap` tokens later: the induction-head signal of Olsson et al. 2022, which synthetic copy snippets in
-  the mix make appear earlier (Bi-Induct, 2025).
+  one at least `gap` tokens later: the induction-head signal of Olsson et al. 2022, which synthetic copy
+  snippets in the mix make appear earlier (Bi-Induct, 2025).
 
 Why these defaults (TrainOptions): a window carries facts with probability `fact_rate` and a copy span with
 probability `copy_rate`; each episode adds ~30 tokens to a window of thousands, so even a window that carries

@@ -6,7 +6,7 @@ The recall has to come from the model attending over the conversation it was fed
 same question in a conversation where the fact was never stated: the value must not come back there (a model
 that answers "Priya" to every name question would otherwise pass).
 
-Values come from the eval side of model/facts.py (never in training), phrased with train-side templates.
+Values come from the eval side of model/train/facts.py (never in training), phrased with train-side templates.
 A checkpoint trained without memory episodes (training.json: options.fact_rate absent or 0, as the
 checkpoint shipped before issue 18) is skipped with that reason: it was never taught to recall.
 """
@@ -20,8 +20,8 @@ import pytest
 
 from app.config import SHIPPED_MODEL_DIR
 from model.checkpoint import read_training_info
-from model.facts import reply_has_value, side_of
-from tests.app.support import make_settings, require_redis, serving
+from model.train.facts import reply_has_value, side_of
+from tests import support
 
 # (statement, question, value, kind): train-side phrasings, eval-side values.
 CASES = [
@@ -52,9 +52,10 @@ def client() -> Iterator[httpx.Client]:
             f"the shipped checkpoint was trained without memory episodes ({why}): recall is not trained in; "
             "scripts/train_shipped.sh trains one that is"
         )
-    require_redis()
-    settings = make_settings(SHIPPED_MODEL_DIR, max_new_tokens=64, max_message_chars=400)
-    with serving(settings) as url, httpx.Client(base_url=url, timeout=None) as http:
+    with (
+        support.live_server(SHIPPED_MODEL_DIR, max_new_tokens=64, max_message_chars=400) as live,
+        httpx.Client(base_url=live.url, timeout=None) as http,
+    ):
         yield http
 
 
