@@ -31,7 +31,7 @@ TRAJECTORY_FIELDS = (
     "preset", "d_model", "n_layers", "attn_layers", "bucket_size", "n_buckets", "n_hashes", "dropout",
     "reversible", "seq_len", "batch_size", "lr", "weight_decay", "grad_clip", "warmup_steps", "steps",
     "seed", "vocab_size", "data_limit", "fact_rate", "max_facts", "copy_rate", "memory_min_gap",
-    "memory_start_gap", "memory_curriculum_steps",
+    "memory_start_gap", "memory_curriculum_steps", "init_from",
 )  # fmt: skip
 
 
@@ -81,6 +81,8 @@ class TrainOptions:
     memory_start_gap: int = 128
     # Optimizer steps over which the largest gap grows from memory_start_gap to seq_len; 0: at once.
     memory_curriculum_steps: int = 0
+    # Start from this checkpoint's weights instead of a fresh initialisation (model/train/warm_start.py).
+    init_from: Path | None = None
     resume: bool = False
     device: str = "auto"
     # bf16 autocast with fp32 master weights where the hardware multiplies bf16 natively (CUDA, AMX or
@@ -211,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = parser.add_argument_group("data")
     data.add_argument("--vocab-size", type=int, default=8000, help="pieces of a new tokenizer (%(default)s)")
     data.add_argument("--tokenizer", type=Path, help="reuse this SentencePiece model instead of training one")
+    data.add_argument("--init-from", type=Path, help="start from this checkpoint's weights (warm start)")
     data.add_argument("--data-limit", type=int, help="use only the first N conversations of each split")
     memory = parser.add_argument_group("memory episodes (model/train/memory.py)").add_argument
     memory("--fact-rate", type=float, default=0.0, help="share of windows with facts (%(default)s)")

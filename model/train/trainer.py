@@ -64,6 +64,7 @@ from model.train.resume import (
     save_training_state,
 )
 from model.train.signals import StopSignal
+from model.train.warm_start import warm_start
 
 logger = logging.getLogger("model.train")
 
@@ -139,7 +140,14 @@ class Trainer:
             config = opts.model_config(self.data.vocab_size)
         torch.manual_seed(opts.seed)
         random.seed(opts.seed)
-        self.model = ReformerLM(config).to(self.device)
+        self.model = ReformerLM(config)
+        if opts.init_from is not None and not self.saved:
+            started = warm_start(self.model, opts.init_from, self.tokenizer_file)
+            if self.ctx.is_main:
+                logger.info("warm start from %s: %d tensors copied, %d mapped (%s), %d fresh (%s)",
+                            started.source, started.copied, len(started.mapped), ", ".join(started.mapped),
+                            len(started.fresh), ", ".join(started.fresh))  # fmt: skip
+        self.model = self.model.to(self.device)
         self.optimizer = build_optimizer(self.model, opts.lr, opts.weight_decay)
         if self.saved:
             self.model.load_state_dict(self.saved["model"])

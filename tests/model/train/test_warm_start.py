@@ -1,0 +1,71 @@
+"""Warm start: same layout gives the source model exactly; other layer kinds get the projections mapped."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import ChatTokenizer, ReformerLM, load_checkpoint
+from model.checkpoint import TOKENIZER_FILE
+from model.train.warm_start import warm_start
+
+
+def _qkv(model: ReformerLM, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A layer's query, key and value projection weights, whatever its kind."""
+    attn = model.blocks[layer].attn.state_dict()
+    weights = {name.removesuffix(".weight"): t for name, t in attn.items() if name.startswith("to_")}
+    if "to_qkv" in weights:
+        q, k, v = weights["to_qkv"].chunk(3)
+        return q, k, v
+    if "to_qk" in weights:
+        return weights["to_qk"], weights["to_qk"], weights["to_v"]
+    return weights["to_q"], weights["to_k"], weights["to_v"]
+
+
+@pytest.fixture(scope="module")
+def source(tiny_checkpoint: Path) -> tuple[ReformerLM, ChatTokenizer]:
+    return load_checkpoint(tiny_checkpoint, device="cpu")
+
+
+def test_the_same_layout_starts_as_the_source_model(tiny_checkpoint: Path, source) -> None:
+    model, _ = source
+    torch.manual_seed(1)
+    fresh = ReformerLM(model.config)
+    started = warm_start(fresh, tiny_checkpoint, tiny_checkpoint / TOKENIZER_FILE)
+    assert started.mapped == [] and started.fresh == []
+    ids = torch.randint(0, model.config.vocab_size, (2, 40))
+    torch.testing.assert_close(fresh(ids), model(ids), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kinds", [("full", "full"), ("local", "local"), ("lsh", "lsh")])
+def test_other_layer_kinds_get_the_same_query_key_and_value_projections(
+    tiny_checkpoint: Path,
+    source,
+    kinds: tuple[str, str],
+) -> None:
+    model, _ = source
+    torch.manual_seed(1)
+    target = ReformerLM(model.config.replace(attn_layers=kinds))
+    started = warm_start(target, tiny_checkpoint, tiny_checkpoint / TOKENIZER_FILE)
+    for layer in range(2):
+        (q, k, v), (source_q, source_k, source_v) = _qkv(target, layer), _qkv(model, layer)
+        torch.testing.assert_close(q, source_q, rtol=0, atol=0)
+        torch.testing.assert_close(v, source_v, rtol=0, atol=0)
+        # A shared-QK layer has one projection for both: the source's query.
+        has_own_keys = "to_qk.weight" not in target.blocks[layer].attn.state_dict()
+        torch.testing.assert_close(k, source_k if has_own_keys else source_q, rtol=0, atol=0)
+    torch.testing.assert_close(target.embed.weight, model.embed.weight, rtol=0, atol=0)
+    assert all(".attn." in name for name in started.mapped)
+
+
+def test_a_different_size_or_tokenizer_is_refused(tiny_checkpoint: Path, source, tmp_path: Path) -> None:
+    model, _ = source
+    wider = ReformerLM(model.config.replace(d_model=48))
+    with pytest.raises(ValueError, match="d_model 32 vs 48"):
+        warm_start(wider, tiny_checkpoint, tiny_checkpoint / TOKENIZER_FILE)
+    other = tmp_path / "other.model"
+    other.write_bytes(b"not the same tokenizer")
+    with pytest.raises(ValueError, match="--tokenizer"):
+        warm_start(ReformerLM(model.config), tiny_checkpoint, other)
