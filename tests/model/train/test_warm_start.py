@@ -9,6 +9,7 @@ import torch
 
 from model import ChatTokenizer, ReformerLM, load_checkpoint
 from model.checkpoint import TOKENIZER_FILE
+from model.train.trainer import main
 from model.train.warm_start import warm_start
 
 
@@ -69,3 +70,22 @@ def test_a_different_size_or_tokenizer_is_refused(tiny_checkpoint: Path, source,
     other.write_bytes(b"not the same tokenizer")
     with pytest.raises(ValueError, match="--tokenizer"):
         warm_start(ReformerLM(model.config), tiny_checkpoint, other)
+
+
+def test_a_warm_started_run_begins_from_the_checkpoint(tiny_checkpoint: Path, source, tmp_path: Path) -> None:
+    """With a learning rate of 1e-30 the weights move by ~1e-30 at most (only zeros, such as biases, can even
+    show it), while a fresh initialisation differs by ~1e-2 (seed 1: the tiny checkpoint is seed 0's): the run
+    must ship the source's weights."""
+    model, _ = source
+    out = tmp_path / "run"
+    args = [
+        "--out", str(out), "--init-from", str(tiny_checkpoint),
+        "--tokenizer", str(tiny_checkpoint / TOKENIZER_FILE), "--preset", "tiny", "--data-limit", "12",
+        "--seq-len", "32", "--batch-size", "4", "--eval-batches", "1", "--test-batches", "1",
+        "--steps", "2", "--eval-every", "1", "--lr", "1e-30", "--seed", "1",
+        "--threads", "1", "--device", "cpu",
+    ]  # fmt: skip
+    assert main(args) == 0
+    shipped, _ = load_checkpoint(out / "checkpoint", device="cpu")
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(shipped.state_dict()[name], tensor, rtol=0, atol=1e-20, msg=name)
