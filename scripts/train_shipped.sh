@@ -30,11 +30,11 @@ if [[ ! -d $run_dir/code ]]; then
 fi
 cd "$run_dir/code"
 args=(
-    --out "$run_dir" --preset small
+    --out "$run_dir" --preset small --init-from checkpoints/reformer-chat-small
     --tokenizer checkpoints/reformer-chat-small/tokenizer.model --vocab-size 4096
-    --seq-len 2048 --batch-size 4 --lr 2e-3 --warmup-steps 50 --time-budget-min 75
-    --fact-rate 0.5 --max-facts 3 --copy-rate 0.25 --memory-start-gap 128 --memory-curriculum-steps 200
-    --eval-every 100 --eval-batches 4 --test-batches 16 --seed 0 --threads 1 "${extra[@]}"
+    --seq-len 2048 --batch-size 2 --lr 1e-3 --warmup-steps 30 --time-budget-min 75
+    --fact-rate 1 --max-facts 6 --copy-rate 0.5 --memory-start-gap 128 --memory-curriculum-steps 150
+    --eval-every 50 --eval-batches 8 --test-batches 32 --seed 0 --threads 1 "${extra[@]}"
 )
 # bf16 autocast where this checkout's trainer has it (issue 17); fp32 otherwise.
 if "$python" -m model.train --help | grep -q -- "--precision"; then
