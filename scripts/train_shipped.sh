@@ -16,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 run_dir=$(realpath -m "${1:-/work/runs/shipped}")
 extra=("${@:2}")
-python=$(realpath "${PYTHON:-.venv/bin/python}")
+python=$(realpath -s "${PYTHON:-.venv/bin/python}")  # -s: keep the venv symlink
 
 if [[ -f $run_dir/train.pid ]] && kill -0 "$(cat "$run_dir/train.pid")" 2>/dev/null; then
     echo "already training in $run_dir (PID $(cat "$run_dir/train.pid")); log: $run_dir/train.log" >&2
