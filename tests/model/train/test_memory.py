@@ -15,7 +15,8 @@ import pytest
 
 from model.tokenizer import ChatTokenizer
 from model.train.copy_spans import ordinary_words
-from model.train.data import load_conversations, tokenize_conversations
+from model.train.data import load_conversations, prepare_run_data, tokenize_conversations
+from model.train.distributed import init_distributed
 from model.train.facts import KINDS, side_of, values_of
 from model.train.memory import MemoryEpochs, MemoryMix
 from model.train.options import TrainOptions
@@ -169,3 +170,18 @@ def test_memory_options_are_validated_and_old_runs_resume_without_them(tmp_path)
     assert TrainOptions(out=tmp_path, steps=1, fact_rate=0.5).trajectory_mismatches(saved) == [
         "--fact-rate 0.5 (the run used 0.0)"
     ]
+
+
+def test_the_run_trains_on_edited_windows_and_evaluates_on_unedited_ones(
+    tmp_path, chat_tokenizer_path
+) -> None:
+    options = TrainOptions(
+        out=tmp_path / "run", preset="tiny", tokenizer=chat_tokenizer_path, data_limit=40, seq_len=512,
+        batch_size=4, steps=1, fact_rate=1.0, device="cpu",
+    )  # fmt: skip
+    data = prepare_run_data(options, init_distributed("cpu"))
+    tokenizer = ChatTokenizer.load(data.tokenizer_file)
+    questions = [e for row in data.train.batch(0, 4).numpy() for e in episodes_in(tokenizer, row)]
+    assert questions, "a run with --fact-rate 1 must train on windows that carry facts"
+    held_out = data.valid.windows(data.valid_index[:4]).numpy()
+    assert not [e for row in held_out for e in episodes_in(tokenizer, row)]
