@@ -88,7 +88,7 @@ class FactKind:
     pool: str  # the value pool's name (values_of); also salts the value split
     statements: dict[Side, tuple[str, ...]]  # templates with {v}
     questions: dict[Side, tuple[str, ...]]
-    answers: tuple[str, ...]  # the assistant's reply in training episodes, with {v}
+    answers: tuple[str, ...]  # replies with {v} for eval phrasings (training answers mirror the statement)
 
 
 def _kind(
@@ -104,7 +104,7 @@ KINDS: tuple[FactKind, ...] = (
         "name",
         "names",
         (
-            ["My name is {v}.", "I'm {v}, by the way.", "Call me {v}.", "Hi, I am {v}.", "i'm {v} btw"],
+            ["My name is {v}.", "I'm {v}, by the way.", "I am {v}.", "I am called {v}.", "i'm {v} btw"],
             ["You can call me {v}.", "People know me as {v}."],
         ),
         (
@@ -311,14 +311,31 @@ def make_fact(
         kind = KINDS[int(rng.integers(len(KINDS)))]
     values = values_of(kind.pool, value_side)
     value = values[int(rng.integers(len(values)))]
-    statement = _fill(_pick(rng, kind.statements[phrasing_side]), value)
+    template = _pick(rng, kind.statements[phrasing_side])
     question = _fill(_pick(rng, kind.questions[phrasing_side]), value)
-    answer = _fill(_pick(rng, kind.answers), value)
-    return Fact(kind.key, value, statement, question, answer)
+    # A train-side statement is answered in its own words, turned to the second person ("I have a dog called
+    # X." -> "You have a dog called X."): the answer's words then point at the statement, the induction
+    # pattern (find the earlier occurrence of these words, copy what followed) that copy spans also train.
+    answer = _second_person(template) if phrasing_side == "train" else _pick(rng, kind.answers)
+    return Fact(kind.key, value, _fill(template, value), question, _fill(answer, value))
 
 
 def _pick(rng: np.random.Generator, options: tuple[str, ...]) -> str:
     return options[int(rng.integers(len(options)))]
+
+
+_SECOND_PERSON = (
+    (r"\bI'm\b", "You're"), (r"\bi'm\b", "you're"), (r"\bI am\b", "You are"), (r"\bI was\b", "You were"),
+    (r"\bI've\b", "You've"), (r"\bI\b", "You"), (r"\bi\b", "you"), (r"\bMy\b", "Your"), (r"\bmy\b", "your"),
+    (r"\bme\b", "you"),
+)  # fmt: skip
+
+
+def _second_person(template: str) -> str:
+    """The user's statement as the assistant says it back: first person -> second person."""
+    for pattern, replacement in _SECOND_PERSON:
+        template = re.sub(pattern, replacement, template)
+    return template[:1].upper() + template[1:]
 
 
 def _fill(template: str, value: str) -> str:

@@ -49,3 +49,16 @@ def test_the_recall_criterion_matches_whole_words_ignoring_case() -> None:
     assert not reply_has_value("I like bananas", "Ana")
     assert not reply_has_value("It's 1234", "123")
     assert not reply_has_value("It's March 1", "March 14")
+
+
+def test_a_training_answer_repeats_the_words_that_led_to_the_value() -> None:
+    """The induction cue: in training, the word before the value in the answer is the one before it in the
+    statement ("I have a dog called X" -> "You have a dog called X")."""
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        fact = make_fact(rng, "train", "train")
+        before = [
+            text.lower().split(fact.value.lower())[0].split()[-1:] for text in (fact.statement, fact.answer)
+        ]
+        if before[0] and before[0][0] not in ("i'm", "am", "i"):  # "I'm X" -> "You're X": the person changes
+            assert before[0] == before[1], (fact.statement, fact.answer)
