@@ -7,8 +7,9 @@ staying real chat everywhere else:
 
 - **Facts.** A user turn starts with a statement ("I have a dog called Biscuit."), the conversation goes on as
   it happened, and at a user-turn boundary at least `gap` tokens later a question and its answer are inserted
-  as one user turn and one assistant turn ("What's my dog called?" / "Your dog is called Biscuit."). Only the
-  answer can be predicted, and only from the statement. Values and phrasings come from the train side of
+  as one user turn and one assistant turn ("What's my dog called?" / "You have a dog called Biscuit.": the
+  statement said back, model/train/facts.py). Only the value in the answer can be predicted, and only from
+  the statement. Values and phrasings come from the train side of
   model/train/facts.py; the benchmark asks with the eval side.
 - **Copy spans.** A run of ordinary words (model/train/copy_spans.py) opens one user turn and opens another
   one at least `gap` tokens later: the induction-head signal of Olsson et al. 2022, which synthetic copy
