@@ -5,6 +5,10 @@
     corpus       the Chit-Chat corpus as chat conversations, with its deterministic train/valid/test split
     data         corpus -> tokenizer -> cached token streams -> the run's windows (RunData)
     packing      conversations back to back in one stream, cut into windows; a step's batch from (seed, step)
+    memory       memory episodes (facts, copy spans) inserted into training windows, with a gap curriculum
+    facts        the facts of those episodes, values and phrasings split train/eval (the bench asks eval)
+    copy_spans   spans of the train split's most frequent words, said twice
+    warm_start   --init-from: a run's weights from a checkpoint, attention projections mapped between kinds
     distributed  DistContext: rank, world size and the few collectives, the identity on one process
     optim        AdamW with decay on matrices only, linear warmup + cosine decay
     metrics      metrics.jsonl (survives resume) and the loss-curve plot
