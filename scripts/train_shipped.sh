@@ -4,7 +4,7 @@
 # The side-by-side subjects of bench/recall.py are the same command with one more argument:
 #   bash scripts/train_shipped.sh /work/runs/shipped-full --attn-layers full,full,full,full
 #   bash scripts/train_shipped.sh /work/runs/shipped-local --attn-layers local,local,local,local
-# Starts `python -m model.train` detached (setsid nohup, so it outlives the shell that started it), appends to
+# Starts `python -m model.train` detached (setsid nohup, nice $NICE or 10; it outlives its shell), appends to
 # RUN_DIR/train.log and writes its PID to RUN_DIR/train.pid. It runs the code of this checkout's HEAD, exported
 # once to RUN_DIR/code, so a later checkout or rebase of the repository changes nothing in a running or resumed
 # run. Run the same command again after an interruption (kill, reboot): it resumes exactly from
@@ -44,6 +44,6 @@ if [[ -f $run_dir/train_state.pt ]]; then
     args+=(--resume)
 fi
 echo "$(date -u +%FT%TZ) starting (code $(cat COMMIT)): $python -m model.train ${args[*]}" >>"$run_dir/train.log"
-setsid nohup nice -n 10 "$python" -m model.train "${args[@]}" >>"$run_dir/train.log" 2>&1 </dev/null &
+setsid nohup nice -n "${NICE:-10}" "$python" -m model.train "${args[@]}" >>"$run_dir/train.log" 2>&1 </dev/null &
 echo $! >"$run_dir/train.pid"
 echo "training in $run_dir (PID $!); log: $run_dir/train.log"
