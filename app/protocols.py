@@ -77,6 +77,7 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
     def __init__(self, *args: Any, send_timeout: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._deadline = DrainDeadline(send_timeout)
+        self._draining = False
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -92,6 +93,29 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._deadline.disarm()
         super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._draining:
+            return  # the rest of a refused frame: read and dropped, so that closing sends no reset
+        super().data_received(data)
+
+    def handle_parser_exception(self) -> None:
+        """A frame the parser refused (1009 too big, 1002 malformed): the close frame, then a half-close.
+
+        uvicorn writes the close frame and closes the socket at once; with the rest of an oversized frame
+        still unread, the kernel answers that close with a reset, which can destroy the close frame
+        before the client reads it (seen as a close without a code). Here the rest is read and dropped
+        until the client closes its side, or the close timeout passes.
+        """
+        close = self.conn.close_sent
+        assert close is not None
+        self.queue.put_nowait({"type": "websocket.disconnect", "code": close.code, "reason": close.reason})
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.close_sent = True
+        self._draining = True
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.close_timer = asyncio.get_running_loop().call_later(self.close_timeout, self.transport.close)
 
     async def send(self, message: ASGISendEvent) -> None:
         await super().send(message)
