@@ -85,8 +85,11 @@ return 1
 _LOCK = """
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return {-1} end
 if not redis.call('SET', KEYS[5], ARGV[2], 'NX', 'PX', ARGV[3]) then return {-2} end
-for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], ARGV[4]) end
-redis.call('PEXPIRE', KEYS[6], ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+-- one absolute expiry for every key (a relative PEXPIRE per key can land a millisecond apart)
+local at = redis.call('PEXPIRETIME', KEYS[1])
+for i = 2, 4 do redis.call('PEXPIREAT', KEYS[i], at) end
+redis.call('PEXPIREAT', KEYS[6], at)
 local n = redis.call('LLEN', KEYS[2])
 local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or n)
 local rewinds = tonumber(redis.call('HGET', KEYS[1], 'rewinds') or 0)
