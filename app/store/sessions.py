@@ -85,10 +85,11 @@ return 1
 _LOCK = """
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return {-1} end
 if not redis.call('SET', KEYS[5], ARGV[2], 'NX', 'PX', ARGV[3]) then return {-2} end
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
--- one absolute expiry for every key (a relative PEXPIRE per key can land a millisecond apart)
-local at = redis.call('PEXPIRETIME', KEYS[1])
-for i = 2, 4 do redis.call('PEXPIREAT', KEYS[i], at) end
+-- one absolute expiry for every key: a relative PEXPIRE per key can land a millisecond apart
+-- (Redis 7.0 does not freeze the clock inside a script); TIME works on every version we run
+local now = redis.call('TIME')
+local at = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) + tonumber(ARGV[4])
+for i = 1, 4 do redis.call('PEXPIREAT', KEYS[i], at) end
 redis.call('PEXPIREAT', KEYS[6], at)
 local n = redis.call('LLEN', KEYS[2])
 local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or n)

@@ -38,12 +38,12 @@ if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return -1 end
 local rewinds = redis.call('HGET', KEYS[1], 'rewinds') or '0'
 if redis.call('HGET', KEYS[1], 'ids_turn') ~= ARGV[2] .. '/' .. rewinds then return -2 end
 if redis.call('STRLEN', KEYS[2]) < 4 * tonumber(ARGV[3]) then return -2 end
-local at = redis.call('PEXPIRETIME', KEYS[1])
-if at <= 0 then return -1 end
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl <= 0 then return -1 end
 redis.set_repl(redis.REPL_REPLICA)
 redis.call('DEL', KEYS[3])
 redis.call('HSET', KEYS[3], 'tokens', ARGV[3], 'rewinds', rewinds, 'identity', ARGV[4], 'data', ARGV[5])
-redis.call('PEXPIREAT', KEYS[3], at)  -- the conversation's own expiry, to the millisecond
+redis.call('PEXPIRE', KEYS[3], ttl)
 return 1
 """
 
@@ -64,8 +64,8 @@ if code ~= 0 then
 end
 if tonumber(snap[1]) <= tonumber(ARGV[4]) then return {0} end
 if snap[3] ~= ARGV[2] then return {-1} end
-local at = redis.call('PEXPIRETIME', KEYS[1])
-if at > 0 then redis.call('PEXPIREAT', KEYS[2], at) end
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
 return {1, tonumber(snap[1])}
 """
 
