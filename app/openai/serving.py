@@ -58,7 +58,7 @@ class Completion(Protocol):
     async def finish(self) -> CompletionResult: ...
 
 
-class _TurnCompletion:
+class TurnCompletion:
     """A session turn (app/chat.py's Turn) seen as a Completion."""
 
     def __init__(self, turn: Turn) -> None:
@@ -209,7 +209,7 @@ class OpenAIChat:
         self, owner: str, session_id: str, content: str, params: SamplingParams, tenant: str
     ) -> AsyncIterator[Completion]:
         async with self.chat.turn(owner, session_id, content, params, tenant=tenant) as turn:
-            yield _TurnCompletion(turn)
+            yield TurnCompletion(turn)
 
     @asynccontextmanager
     async def _stateless(

@@ -30,7 +30,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from app.chat import ChatService, InputMessage, Turn, TurnOutcome, stored_size
+from app.chat import ChatService, InputMessage, TurnOutcome, stored_size
 from app.engine import GenerationHandle, GenerationRequest
 from app.errors import EngineFailed, SessionNotFound
 from app.openai.conversations.serving import checked_messages, conversation_errors
@@ -44,10 +44,10 @@ from app.openai.items import (
     session_of,
 )
 from app.openai.responses.protocol import ResponseCreateRequest, conversation_param
-from app.openai.serving import Completion, CompletionResult
+from app.openai.serving import Completion, CompletionResult, TurnCompletion
 from app.schemas import SamplingFields
 from app.store.sessions import ID_BYTES, StoredResponse
-from model import FinishReason, SamplingParams
+from model import SamplingParams
 
 _STATUS = {"stop": "completed", "length": "incomplete", "cancelled": "cancelled"}
 
@@ -217,7 +217,7 @@ class ResponseJob:
         ) as turn:
             self.item_id = item_id(turn.reply_seq)
             self.response_id = response_id(session_id, turn.reply_seq)
-            yield _OnSession(turn, self)
+            yield TurnCompletion(turn)
 
     def _prompt_ids(self) -> list[int]:
         tokenizer = self._serving.chat.tokenizer
@@ -240,25 +240,6 @@ def _generated(outcome: TurnOutcome) -> Generated:
     return Generated(
         outcome.message.content, reason, input_tokens, outcome.cached_tokens, outcome.completion_tokens
     )
-
-
-class _OnSession:
-    def __init__(self, turn: Turn, job: ResponseJob) -> None:
-        self._turn = turn
-        self._job = job
-
-    def cancel(self) -> None:
-        self._turn.cancel()
-
-    def pieces(self) -> AsyncIterator[str]:
-        return self._turn.pieces()
-
-    async def finish(self) -> CompletionResult:
-        outcome = await self._turn.finish()
-        reason: FinishReason = outcome.message.finish_reason or "stop"
-        return CompletionResult(
-            outcome.message.content, reason, outcome.prompt_tokens, outcome.completion_tokens
-        )
 
 
 class _Stateless:
