@@ -14,6 +14,7 @@ variant of our `ReformerLM` on bench/copy_task.py's data and prints accuracy on 
 - ``--dense``: every query and key in one bucket, with buckets as long as the sequence: the LSH layers
   become exact causal attention, which isolates the model and recipe from the hashing. The reference's
   ``dense`` mode is the same control on its side.
+- ``--qkv-bias``: biases in the query, key and value projections (the reference has them; ours do not).
 - ``--bf16``: train and evaluate under bf16 autocast (~2x faster on this CPU).
 
 The variants patch the model in this process only (the block's forward, the hash function); nothing else
@@ -63,6 +64,12 @@ def build(args: argparse.Namespace) -> ReformerLM:
         config = config.replace(reversible=False)
         block_module.ReformerBlock.forward = _plain_forward  # type: ignore[method-assign]
     model = ReformerLM(config).train()
+    if args.qkv_bias:
+        for module in model.modules():
+            for name in ("to_q", "to_k", "to_v", "to_qkv"):
+                old = getattr(module, name, None)
+                if isinstance(old, torch.nn.Linear):
+                    setattr(module, name, torch.nn.Linear(old.in_features, old.out_features, bias=True))
     if args.torch_init:
         for module in model.modules():
             if isinstance(module, torch.nn.Linear | torch.nn.Embedding):
@@ -76,7 +83,7 @@ def main() -> None:
     )
     parser.add_argument("name")
     parser.add_argument("steps", type=int)
-    for flag in ("--shared-qk", "--torch-init", "--plain", "--dense", "--bf16"):
+    for flag in ("--shared-qk", "--torch-init", "--plain", "--dense", "--bf16", "--qkv-bias"):
         parser.add_argument(flag, action="store_true")
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--out", type=Path, default=None, help="JSON curve (default: print only)")

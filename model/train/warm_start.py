@@ -7,10 +7,12 @@ together stay within the issue's budget; training.json records the source (optio
 
 Every tensor whose name and shape match is copied. Attention projections are mapped between layer kinds by
 what they compute: a shared-QK LSH layer's `to_qk` is both the query and the key projection, a separate-QK
-LSH layer has `to_q` and `to_k`, local and full layers stack query, key and value rows in `to_qkv`. So a
-shared-QK layer starts a separate-QK one with keys equal to its queries (the old rule, less the key
-normalisation), and an LSH layer can start a local or full layer of the side-by-side baselines. Tensors with
-no counterpart (an LSH layer's hash rotations when its source was local) keep their fresh initialisation.
+LSH layer has `to_q` and `to_k`, local and full layers stack query, key and value rows in `to_qkv`, and an
+LSH layer can start a local or full layer of the side-by-side baselines. One exception: a shared-QK layer
+gives a separate-QK LSH layer its queries but not its keys. Keys equal to the queries would start the new
+layer on the symmetric score that cannot learn copying (docs/DESIGN.md), while a fresh key projection learns
+it (docs/BENCHMARKS.md, "Copy task"); so that `to_k` starts fresh. Tensors with no counterpart (an LSH
+layer's hash rotations when its source was local) keep their fresh initialisation too.
 """
 
 from __future__ import annotations
@@ -89,6 +91,8 @@ def warm_start(model: ReformerLM, checkpoint: Path, tokenizer_file: Path) -> War
             continue
         q, k, v = parts
         kind = match.group(2)
+        if kind == "to_k" and match.group(1) + "to_qk.weight" in source:
+            continue  # a separate-QK layer's keys do not start as a shared-QK layer's queries (docstring)
         loaded[name] = {"to_qkv": torch.cat((q, k, v)), "to_qk": q, "to_q": q, "to_k": k, "to_v": v}[kind]
         mapped.append(name)
     model.load_state_dict(loaded, strict=False)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model import ChatTokenizer, ReformerLM, load_checkpoint
-from model.checkpoint import TOKENIZER_FILE
+from model.checkpoint import TOKENIZER_FILE, save_checkpoint
 from model.train.trainer import main
 from model.train.warm_start import warm_start
 
@@ -59,6 +59,30 @@ def test_other_layer_kinds_get_the_same_query_key_and_value_projections(
         torch.testing.assert_close(k, source_k if has_own_keys else source_q, rtol=0, atol=0)
     torch.testing.assert_close(target.embed.weight, model.embed.weight, rtol=0, atol=0)
     assert all(".attn." in name for name in started.mapped)
+
+
+def test_a_shared_qk_source_gives_separate_qk_layers_its_queries_and_fresh_keys(
+    tiny_checkpoint: Path, source, tmp_path: Path
+) -> None:
+    """Keys equal to the queries would start on the symmetric score that cannot learn copying: to_k stays at
+    its own initialisation while everything else comes from the checkpoint."""
+    model, tokenizer = source
+    torch.manual_seed(2)
+    shared = ReformerLM(model.config.replace(shared_qk=True))
+    save_checkpoint(tmp_path / "shared", shared, tokenizer)
+    torch.manual_seed(1)
+    target = ReformerLM(model.config.replace(shared_qk=False))
+    fresh_keys = {i: block.attn.to_k.weight.detach().clone() for i, block in enumerate(target.blocks)
+                  if block.kind == "lsh"}  # fmt: skip
+    started = warm_start(target, tmp_path / "shared", tiny_checkpoint / TOKENIZER_FILE)
+    assert fresh_keys
+    for layer, keys in fresh_keys.items():
+        attn, source_attn = target.blocks[layer].attn, shared.blocks[layer].attn
+        torch.testing.assert_close(attn.to_q.weight, source_attn.to_qk.weight, rtol=0, atol=0)
+        torch.testing.assert_close(attn.to_k.weight, keys, rtol=0, atol=0)
+        assert not torch.equal(attn.to_k.weight, source_attn.to_qk.weight)
+        assert f"blocks.{layer}.attn.to_k.weight" in started.fresh
+    torch.testing.assert_close(target.embed.weight, shared.embed.weight, rtol=0, atol=0)
 
 
 def test_a_different_size_or_tokenizer_is_refused(tiny_checkpoint: Path, source, tmp_path: Path) -> None:
