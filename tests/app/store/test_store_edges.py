@@ -15,10 +15,11 @@ from collections.abc import Awaitable, Callable
 import pytest
 from redis.asyncio import Redis
 
+from app.chat import _conflict_error
 from app.errors import SessionNotFound, StoreUnavailable
 from app.metrics import Metrics
 from app.store.redis_client import connect_redis, resolve_redis_target
-from app.store.sessions import SessionStore, StoredMessage
+from app.store.sessions import SessionStore, StoredMessage, TurnConflict
 from tests.support import TEST_REDIS_URL, free_port
 
 
@@ -87,3 +88,32 @@ def test_a_redis_failure_is_a_503_counted_under_its_operation(
     assert unavailable.value.headers == {"Retry-After": "3"}
     errors = metrics.registry.get_sample_value("reformer_chat_redis_errors_total", {"operation": operation})
     assert errors == 1
+
+
+def test_ids_shorter_than_the_lock_reported_are_a_503_conflict_not_a_deleted_session(
+    redis_prefix: str,
+) -> None:
+    """A turn reads the ids its lock counted; if fewer are stored (a rewind or a replica's write raced it),
+    the turn must fail as a retryable 503 naming what it expected, not as a deleted session's 404."""
+
+    async def main() -> None:
+        client = connect_redis(resolve_redis_target(TEST_REDIS_URL, cluster=False), timeout=1)
+        store = _store(client, redis_prefix, Metrics())
+        try:
+            sid = (await store.create("alice")).session_id
+            messages = [StoredMessage("user", "hi", "t"), StoredMessage("assistant", "yo", "t", "stop")]
+            async with store.turn_lock(sid, "alice") as lock:
+                await store.append_turn(sid, "alice", lock, new_ids=[5, 6, 7], messages=messages)
+            with pytest.raises(TurnConflict) as raised:
+                await store.read_ids(sid, 1, 5)
+            assert not raised.value.deleted
+            reason = "its token ids are shorter than the 5 its lock reported"
+            assert str(raised.value) == f"session {sid}: turn not stored because {reason}"
+            error = _conflict_error(raised.value, sid, retry_after=3)
+            assert isinstance(error, StoreUnavailable) and error.status == 503
+            assert error.headers == {"Retry-After": "3"}
+            assert await store.read_ids(sid, 0, 3) == [5, 6, 7]  # nothing changed
+        finally:
+            await client.aclose()
+
+    asyncio.run(main())
