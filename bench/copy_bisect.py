@@ -14,6 +14,8 @@ variant of our `ReformerLM` on bench/copy_task.py's data and prints accuracy on 
 - ``--dense``: every query and key in one bucket, with buckets as long as the sequence: the LSH layers
   become exact causal attention, which isolates the model and recipe from the hashing. The reference's
   ``dense`` mode is the same control on its side.
+- ``--embed-n01`` / ``--linear-torch``: one half of ``--torch-init`` (the embedding's N(0, 1), or the Linear
+  layers' kaiming-uniform weights and uniform biases).
 - ``--qkv-bias``: biases in the query, key and value projections (the reference has them; ours do not).
 - ``--bf16``: train and evaluate under bf16 autocast (~2x faster on this CPU).
 
@@ -70,10 +72,11 @@ def build(args: argparse.Namespace) -> ReformerLM:
                 old = getattr(module, name, None)
                 if isinstance(old, torch.nn.Linear):
                     setattr(module, name, torch.nn.Linear(old.in_features, old.out_features, bias=True))
-    if args.torch_init:
-        for module in model.modules():
-            if isinstance(module, torch.nn.Linear | torch.nn.Embedding):
-                module.reset_parameters()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding) and (args.torch_init or args.embed_n01):
+            module.reset_parameters()
+        if isinstance(module, torch.nn.Linear) and (args.torch_init or args.linear_torch):
+            module.reset_parameters()
     return model
 
 
@@ -83,7 +86,7 @@ def main() -> None:
     )
     parser.add_argument("name")
     parser.add_argument("steps", type=int)
-    for flag in ("--shared-qk", "--torch-init", "--plain", "--dense", "--bf16", "--qkv-bias"):
+    for flag in ("--shared-qk", "--torch-init", "--plain", "--dense", "--bf16", "--qkv-bias", "--embed-n01", "--linear-torch"):
         parser.add_argument(flag, action="store_true")
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--out", type=Path, default=None, help="JSON curve (default: print only)")
