@@ -31,7 +31,7 @@ TRAJECTORY_FIELDS = (
     "preset", "d_model", "n_layers", "attn_layers", "bucket_size", "n_buckets", "n_hashes", "dropout",
     "reversible", "seq_len", "batch_size", "lr", "weight_decay", "grad_clip", "warmup_steps", "steps",
     "seed", "vocab_size", "data_limit", "fact_rate", "max_facts", "copy_rate", "memory_min_gap",
-    "memory_start_gap", "memory_curriculum_steps", "init_from",
+    "memory_start_gap", "memory_curriculum_steps", "init_from", "embed_std",
 )  # fmt: skip
 
 
@@ -68,6 +68,10 @@ class TrainOptions:
     test_batches: int | None = None
     log_every: int = 10
     seed: int = 0
+    # Standard deviation of a fresh token embedding; None keeps the model's own (0.02, as GPT-2). A larger
+    # one (PyTorch's default is 1.0) makes the copying circuit form hundreds of steps earlier on the copy
+    # task (docs/BENCHMARKS.md, "Copy task"). Ignored for a warm start, whose embedding is the checkpoint's.
+    embed_std: float | None = None
     vocab_size: int = 8000
     tokenizer: Path | None = None
     # Only the first N conversations of each split: for tests and quick experiments.
@@ -94,6 +98,8 @@ class TrainOptions:
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise ValueError(f"unknown --preset {self.preset!r}: use one of {', '.join(PRESETS)}")
+        if self.embed_std is not None and not self.embed_std > 0:
+            raise ValueError(f"--embed-std must be > 0, got {self.embed_std}")
         if self.steps is None and self.time_budget_min is None:
             raise ValueError("give --steps N or --time-budget-min M (or both) so the run knows when to stop")
         for name in ("seq_len", "batch_size", "grad_accum", "eval_every", "eval_batches", "log_every"):
@@ -205,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--steps", type=int, help="optimizer steps to train")
     opt("--time-budget-min", type=float, help="stop cleanly after this many minutes")
     opt("--seed", type=int, default=0, help="init, data order, dropout (%(default)s)")
+    opt("--embed-std", type=float, help="std of a fresh token embedding (default: the model's, 0.02)")
     evaluation = parser.add_argument_group("evaluation and logging")
     evaluation.add_argument("--eval-every", type=int, default=500, help="steps between evals (%(default)s)")
     evaluation.add_argument("--eval-batches", type=int, default=8, help="batches per eval (%(default)s)")

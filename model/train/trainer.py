@@ -141,6 +141,8 @@ class Trainer:
         torch.manual_seed(opts.seed)
         random.seed(opts.seed)
         self.model = ReformerLM(config)
+        if opts.embed_std is not None and not self.saved:
+            torch.nn.init.normal_(self.model.embed.weight, std=opts.embed_std)
         if opts.init_from is not None and not self.saved:
             started = warm_start(self.model, opts.init_from, self.tokenizer_file)
             if self.ctx.is_main:

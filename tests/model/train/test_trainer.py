@@ -255,3 +255,20 @@ def test_metrics_log_drops_rows_after_the_resumed_step(tmp_path: Path) -> None:
     assert [r["step"] for r in resumed.rows] == [1, 2, 3]
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
     assert resumed.series("train", "loss") == ([1, 2, 3], [1.0, 2.0, 3.0])
+
+
+def test_embed_std_sets_a_fresh_embedding_and_is_refused_when_not_positive(
+    tmp_path: Path, chat_tokenizer_path: Path
+) -> None:
+    """--embed-std draws the token embedding at that scale (lr 1e-30: the weights stay where they start)."""
+    stds = {}
+    for name, extra in (("default", ()), ("wide", ("--embed-std", "1.0"))):
+        out = tmp_path / name
+        args = _args(out, chat_tokenizer_path, "--steps", "1", "--eval-every", "1", "--lr", "1e-30", *extra)
+        assert main(args) == 0
+        model, _ = load_checkpoint(out / "checkpoint", device="cpu")
+        stds[name] = model.embed.weight.std().item()
+    assert stds["default"] == pytest.approx(0.02, rel=0.1)
+    assert stds["wide"] == pytest.approx(1.0, rel=0.1)
+    with pytest.raises(ValueError, match="--embed-std must be > 0"):
+        TrainOptions(out=tmp_path, steps=1, embed_std=0.0)
