@@ -15,12 +15,17 @@ staying real chat everywhere else:
   one at least `gap` tokens later: the induction-head signal of Olsson et al. 2022, which synthetic copy
   snippets in the mix make appear earlier (Bi-Induct, 2025).
 
-Why these defaults (TrainOptions): a window carries facts with probability `fact_rate` and a copy span with
-probability `copy_rate`; each episode adds ~30 tokens to a window of thousands, so even a window that carries
-three facts is >95 % real chat, and the held-out loss (which is measured on unedited test windows) barely
+Why these defaults (TrainOptions): a window carries facts with probability `fact_rate` and copy spans (1 to
+`max_copies`) with probability `copy_rate`; each episode adds ~30 tokens to a window of thousands, so even a
+window that carries three facts is >95 % real chat, and the held-out loss (which is measured on unedited test
+windows) barely
 moves. The gap is drawn log-uniform between `min_gap` and a maximum that grows with training (the curriculum):
 short gaps first, where the answer's credit reaches the statement easily and the format is learnt, then gaps
 up to the whole window, which local attention cannot bridge and LSH layers must.
+
+Why `max_copies`: one span per window makes ~2 % of a window's targets predictable only by copying, while the
+copy task (every second-half token a copy) forms the copying circuit in ~600 steps; up to 16 spans a window
+make copying dense for a phase of training (the Bi-Induct idea), at the price of less real chat per window.
 
 Every edit is a pure function of (seed, global window index), like the windows themselves: resume stays exact
 and data-parallel ranks agree without talking.
@@ -43,6 +48,8 @@ from model.train.packing import PackedEpochs, TokenizedCorpus
 _EPISODE_STREAM = 2
 # Copy spans of 8 to 24 words: long enough that a copy is unmistakable, short against any gap.
 _SPAN_WORDS = (8, 24)
+# Up to 16 spans per window: at ~25 tokens a span, 16 pairs are ~800 tokens, most of a 1,024-token window.
+_MAX_COPIES = 16
 
 
 @dataclass(frozen=True)
@@ -51,7 +58,8 @@ class MemoryMix:
 
     fact_rate: float = 0.0  # probability that a window carries facts
     max_facts: int = 3  # such a window carries 1..max_facts facts, each of a different kind
-    copy_rate: float = 0.0  # probability that a window carries a copy span (independent of facts)
+    copy_rate: float = 0.0  # probability that a window carries copy spans (independent of facts)
+    max_copies: int = 1  # such a window carries 1..max_copies spans, each its own words and gap
     min_gap: int = 16  # fewest tokens between a statement and its question
     start_gap: int = 128  # the largest gap at the start of the curriculum
     curriculum_windows: int = 0  # windows over which the largest gap grows to the window length; 0: at once
@@ -60,6 +68,8 @@ class MemoryMix:
         for name in ("fact_rate", "copy_rate"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
+        if not 1 <= self.max_copies <= _MAX_COPIES:
+            raise ValueError(f"--max-copies must be in [1, {_MAX_COPIES}], got {self.max_copies}")
         if not 1 <= self.max_facts <= len(KINDS):
             raise ValueError(f"--max-facts must be in [1, {len(KINDS)}] (one per kind), got {self.max_facts}")
         if not 1 <= self.min_gap <= self.start_gap:
@@ -137,11 +147,15 @@ class MemoryEpochs:
                 if episode is not None:
                     episodes.append(episode)
         if wants_copy:
-            n_words = int(rng.integers(_SPAN_WORDS[0], _SPAN_WORDS[1] + 1))
-            span = self._line(draw_span(rng, n_words))
-            episode = self._place(rng, starts, len(row), max_gap, span, span, before_turn=False)
-            if episode is not None:
-                episodes.append(episode)
+            # One span unless asked for more: the count is drawn only then, so max_copies=1 windows are the
+            # ones this module made before the option existed.
+            n_copies = 1 if self.mix.max_copies == 1 else int(rng.integers(1, self.mix.max_copies + 1))
+            for _ in range(n_copies):
+                n_words = int(rng.integers(_SPAN_WORDS[0], _SPAN_WORDS[1] + 1))
+                span = self._line(draw_span(rng, n_words))
+                episode = self._place(rng, starts, len(row), max_gap, span, span, before_turn=False)
+                if episode is not None:
+                    episodes.append(episode)
         return _apply(row, episodes)
 
     def _line(self, text: str) -> list[int]:

@@ -30,7 +30,7 @@ MODEL_FIELDS = (
 TRAJECTORY_FIELDS = (
     "preset", "d_model", "n_layers", "attn_layers", "bucket_size", "n_buckets", "n_hashes", "dropout",
     "reversible", "seq_len", "batch_size", "lr", "weight_decay", "grad_clip", "warmup_steps", "steps",
-    "seed", "vocab_size", "data_limit", "fact_rate", "max_facts", "copy_rate", "memory_min_gap",
+    "seed", "vocab_size", "data_limit", "fact_rate", "max_facts", "copy_rate", "max_copies", "memory_min_gap",
     "memory_start_gap", "memory_curriculum_steps", "init_from", "embed_std",
 )  # fmt: skip
 
@@ -81,6 +81,7 @@ class TrainOptions:
     fact_rate: float = 0.0
     max_facts: int = 3
     copy_rate: float = 0.0
+    max_copies: int = 1
     memory_min_gap: int = 16
     memory_start_gap: int = 128
     # Optimizer steps over which the largest gap grows from memory_start_gap to seq_len; 0: at once.
@@ -123,6 +124,7 @@ class TrainOptions:
             fact_rate=self.fact_rate,
             max_facts=self.max_facts,
             copy_rate=self.copy_rate,
+            max_copies=self.max_copies,
             min_gap=self.memory_min_gap,
             start_gap=self.memory_start_gap,
             curriculum_windows=self.memory_curriculum_steps * self.batch_size,
@@ -225,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     memory = parser.add_argument_group("memory episodes (model/train/memory.py)").add_argument
     memory("--fact-rate", type=float, default=0.0, help="share of windows with facts (%(default)s)")
     memory("--max-facts", type=int, default=3, help="facts per such window, at most (%(default)s)")
-    memory("--copy-rate", type=float, default=0.0, help="share of windows with a copy span (%(default)s)")
+    memory("--copy-rate", type=float, default=0.0, help="share of windows with copy spans (%(default)s)")
+    memory("--max-copies", type=int, default=1, help="copy spans per such window, at most (%(default)s)")
     memory("--memory-min-gap", type=int, default=16, help="fewest tokens statement->question (%(default)s)")
     memory("--memory-start-gap", type=int, default=128, help="largest gap at step 0 (%(default)s)")
     memory("--memory-curriculum-steps", type=int, default=0,

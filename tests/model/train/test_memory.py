@@ -185,3 +185,24 @@ def test_the_run_trains_on_edited_windows_and_evaluates_on_unedited_ones(
     assert questions, "a run with --fact-rate 1 must train on windows that carry facts"
     held_out = data.valid.windows(data.valid_index[:4]).numpy()
     assert not [e for row in held_out for e in episodes_in(tokenizer, row)]
+
+
+def test_max_copies_puts_several_repeated_spans_in_a_window(
+    base: PackedEpochs, chat_tokenizer: ChatTokenizer
+) -> None:
+    words = set(ordinary_words())
+    one = MemoryEpochs(base, chat_tokenizer, MemoryMix(copy_rate=1.0), seed=5)
+    several = MemoryEpochs(base, chat_tokenizer, MemoryMix(copy_rate=1.0, max_copies=6), seed=5)
+
+    def repeated_spans(memory: MemoryEpochs) -> int:
+        pairs = 0
+        for row in memory.batch(10, 12).numpy():
+            turns = read_turns(chat_tokenizer, row)  # spans may share a turn: one line each
+            lines = [line for t in turns if t.role == "user" for line in t.text.split("\n")]
+            spans = [line for line in lines if len(line.split()) >= 8 and set(line.split()) <= words]
+            pairs += len({line for line in spans if spans.count(line) == 2})
+        return pairs
+
+    assert repeated_spans(several) >= 1.5 * repeated_spans(one)  # some are cut off by the window end
+    with pytest.raises(ValueError, match="--max-copies must be in"):
+        MemoryMix(copy_rate=1.0, max_copies=0)
