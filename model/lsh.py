@@ -195,8 +195,12 @@ class LSHAttention(nn.Module):
         lse = torch.logsumexp(scores, dim=-1, keepdim=True)
         probs = torch.exp(scores - lse)
         v_new = v[:, :, None].expand(-1, -1, R, -1, -1).to(window_v.dtype)  # (B, H, R, 1, D)
-        all_v = torch.cat((window_v, v_new), dim=3)  # (B, H, R, S + 1, D)
-        out = torch.einsum("bhrs,bhrsd->bhrd", probs.to(all_v.dtype), all_v).float()
+        if self.shared_qk:  # the own slot is one more key of the product, as in chunked_attention.py
+            all_v = torch.cat((window_v, v_new), dim=3)  # (B, H, R, S + 1, D)
+            out = torch.einsum("bhrs,bhrsd->bhrd", probs.to(all_v.dtype), all_v).float()
+        else:  # the window's values by a product, the own value added in float32, as key_windows.py does
+            pair = torch.einsum("bhrs,bhrsd->bhrd", probs[..., :S].to(query.dtype), window_v.to(query.dtype))
+            out = pair.float() + probs[..., S:] * v[:, :, 0, None].float()  # (B, H, R, D)
         combined = combine_rounds(out[:, :, :, None].to(v.dtype), lse)  # (B, H, 1, D)
 
         # Append to the key's bucket: drop its oldest slot, the new token becomes slot S-1.
@@ -246,6 +250,9 @@ class LSHAttention(nn.Module):
             out, lse = key_window_attention(
                 q[:, :, None], all_k, all_v, q_buckets, new_pos, all_b, all_pos, S, NB * S
             )
+            # Rounded as the forward pass rounds it (to the new values' dtype: bf16 under autocast), whatever
+            # the state's dtype: a float32 state must not give more exact outputs than a bf16 one.
+            out = out.to(v.dtype)
         combined = combine_rounds(out, lse)  # (B, H, T, D)
 
         self._append(state, new_k, new_v, new_pos, k_buckets)

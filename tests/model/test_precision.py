@@ -109,6 +109,34 @@ def test_a_bf16_decode_state_loses_nothing_under_bf16(
     torch.testing.assert_close(compact, wide, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("shared_qk", [True, False], ids=["shared QK", "separate QK"])
+def test_both_lsh_rules_decode_under_bf16_as_their_forward_pass_rounds(shared_qk: bool) -> None:
+    """The shipped checkpoint covers one LSH rule; this covers both, on a model with weights wide enough
+    (std 0.2) that attention is not uniform. A float32 state must give the same logits as a bf16 one (the
+    outputs are rounded as the forward pass rounds them, not more exactly), and single-token decode must
+    round the own key's value as the forward kernel does (in float32 beside the window's bf16 product)."""
+    torch.manual_seed(0)
+    config = ReformerConfig.small(vocab_size=256, shared_qk=shared_qk, bucket_size=16, n_buckets=8)
+    model = ReformerLM(config).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() >= 2:
+                parameter.normal_(0.0, 0.2)
+    model.set_inference_precision("bf16")
+    ids = torch.randint(0, 256, (1, 400))
+    cuts = [300, *range(301, 400)]
+    compact = _decode(model, ids, cuts)
+    model.state_dtype = torch.float32
+    wide = _decode(model, ids, cuts)
+    torch.testing.assert_close(compact, wide, rtol=0, atol=0)
+    model.state_dtype = None
+    with torch.no_grad():
+        forward = model(ids)
+    single = _decode(model, ids, list(range(1, 400)))
+    drift = ((single - forward).abs().mean() / forward.abs().mean()).item()
+    assert drift <= 3e-4, f"decode logits drift {drift:.1e} from forward's"
+
+
 # ---- no silent fp32 in the hot path, no bf16 in the statistics ------------------------------------------
 
 _PRODUCTS = {"mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product_flash_attention_for_cpu"}
