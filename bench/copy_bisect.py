@@ -86,7 +86,16 @@ def main() -> None:
     )
     parser.add_argument("name")
     parser.add_argument("steps", type=int)
-    for flag in ("--shared-qk", "--torch-init", "--plain", "--dense", "--bf16", "--qkv-bias", "--embed-n01", "--linear-torch"):
+    for flag in (
+        "--shared-qk",
+        "--torch-init",
+        "--plain",
+        "--dense",
+        "--bf16",
+        "--qkv-bias",
+        "--embed-n01",
+        "--linear-torch",
+    ):
         parser.add_argument(flag, action="store_true")
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--out", type=Path, default=None, help="JSON curve (default: print only)")
