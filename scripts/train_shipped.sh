@@ -9,9 +9,11 @@
 # once to RUN_DIR/code, so a later checkout or rebase of the repository changes nothing in a running or resumed
 # run. Run the same command again after an interruption (kill, reboot): it resumes exactly from
 # RUN_DIR/train_state.pt (written at every evaluation and on SIGTERM).
-# The time budget is wall-clock and survives resumption, so the run ends ~75 minutes of training after it first
+# The time budget is wall-clock and survives resumption, so the run ends ~95 minutes of training after it first
 # started, then measures test loss on its best checkpoint: RUN_DIR/checkpoint is what ships
 # (cp RUN_DIR/checkpoint/* checkpoints/reformer-chat-small/). docs/MODEL.md says why each value is what it is.
+# The shipped checkpoint's run warm-started from the one shipped before it (commit 7a20e04's
+# checkpoints/reformer-chat-small); run from a checkout of that commit's checkpoint to reproduce it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 run_dir=$(realpath -m "${1:-/work/runs/shipped}")
@@ -32,8 +34,8 @@ cd "$run_dir/code"
 args=(
     --out "$run_dir" --preset small --init-from checkpoints/reformer-chat-small
     --tokenizer checkpoints/reformer-chat-small/tokenizer.model --vocab-size 4096
-    --seq-len 2048 --batch-size 2 --lr 1e-3 --warmup-steps 30 --time-budget-min 75
-    --fact-rate 1 --max-facts 6 --copy-rate 0.5 --memory-start-gap 128 --memory-curriculum-steps 150
+    --seq-len 1024 --batch-size 4 --lr 1e-3 --warmup-steps 30 --time-budget-min 95
+    --fact-rate 1 --max-facts 6 --copy-rate 1 --memory-start-gap 64 --memory-curriculum-steps 400
     --eval-every 50 --eval-batches 8 --test-batches 32 --seed 0 --threads 1 "${extra[@]}"
 )
 # bf16 autocast where this checkout's trainer has it (issue 17); fp32 otherwise.
