@@ -324,7 +324,38 @@ def redis_server_binary() -> str:
     return bundled
 
 
-class RedisServer:
+class _ChildProcess:
+    """A server process of the test's own, ended by a signal: the part RedisServer and AppProcess share."""
+
+    process: subprocess.Popen[bytes] | None
+
+    def start(self) -> object:
+        raise NotImplementedError
+
+    def _end(self, sig: signal.Signals) -> int:
+        """Send `sig`, wait for the exit and forget the process; its exit status (0 when not running)."""
+        status = 0
+        if self.process is not None:
+            self.process.send_signal(sig)
+            status = self.process.wait()
+            self.process = None
+        return status
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no goodbye to clients; only what is already on disk survives."""
+        self._end(signal.SIGKILL)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.kill()
+
+
+class RedisServer(_ChildProcess):
     """A redis-server of the test's own on 127.0.0.1:<free port>, to kill and restart on the same port and
     directory: `aof=True` persists every write (appendfsync always); `extra` adds command-line flags."""
 
@@ -367,24 +398,8 @@ class RedisServer:
         with self.client() as client:
             poll_until(answers, f"redis-server on port {self.port} answering PING")
 
-    def kill(self) -> None:
-        """SIGKILL: no shutdown save, no goodbye to clients; only what is already on disk survives."""
-        if self.process is not None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait()
-            self.process = None
 
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.kill()
-
-
-class AppProcess:
+class AppProcess(_ChildProcess):
     """`python -m app --port 0`, as a user starts it, configured only by the given environment variables
     (nothing of the caller's environment but PATH, HOME and LANG), in `workdir` (no stray .env there)."""
 
@@ -433,37 +448,13 @@ class AppProcess:
             raise RuntimeError(f"{self.name} is not running")
         return psutil.Process(self.process.pid).memory_info().rss
 
-    def kill(self) -> None:
-        """SIGKILL: the process gets no chance to finish, store or release anything."""
-        if self.process is not None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait()
-            self.process = None
-
     def terminate(self) -> None:
         """SIGTERM, what an orchestrator sends on a deploy: a graceful stop."""
-        if self.process is not None:
-            self.process.send_signal(signal.SIGTERM)
-            self.process.wait()
-            self.process = None
+        self._end(signal.SIGTERM)
 
     def stop(self) -> int:
         """Ctrl+C: a graceful stop; returns the exit status (0 when it was not running)."""
-        status = 0
-        if self.process is not None:
-            self.process.send_signal(signal.SIGINT)
-            status = self.process.wait()
-            self.process = None
-        return status
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.kill()
+        return self._end(signal.SIGINT)
 
 
 def app_env(

@@ -29,15 +29,21 @@ def _store(redis: Redis, prefix: str, metrics: Metrics) -> SessionStore:
     )
 
 
+async def _session_with_ids(store: SessionStore, ids: list[int]) -> str:
+    """A new session of "alice" holding one stored turn whose token ids are `ids`."""
+    sid = (await store.create("alice")).session_id
+    messages = [StoredMessage("user", "hi", "t"), StoredMessage("assistant", "yo", "t", "stop")]
+    async with store.turn_lock(sid, "alice") as lock:
+        await store.append_turn(sid, "alice", lock, new_ids=ids, messages=messages)
+    return sid
+
+
 def test_token_ids_read_back_exactly_the_range_asked_for(redis_prefix: str) -> None:
     async def main() -> None:
         client = connect_redis(resolve_redis_target(TEST_REDIS_URL, cluster=False), timeout=1)
         store = _store(client, redis_prefix, Metrics())
         try:
-            sid = (await store.create("alice")).session_id
-            messages = [StoredMessage("user", "hi", "t"), StoredMessage("assistant", "yo", "t", "stop")]
-            async with store.turn_lock(sid, "alice") as lock:
-                await store.append_turn(sid, "alice", lock, new_ids=[5, 6, 7, 8, 9], messages=messages)
+            sid = await _session_with_ids(store, [5, 6, 7, 8, 9])
             assert await store.read_ids(sid, 1, 3) == [6, 7]  # not a byte more, not a byte less
             assert await store.read_ids(sid, 0, 1) == [5]
             assert await store.read_ids(sid, 0, 0) == []
@@ -100,10 +106,7 @@ def test_ids_shorter_than_the_lock_reported_are_a_503_conflict_not_a_deleted_ses
         client = connect_redis(resolve_redis_target(TEST_REDIS_URL, cluster=False), timeout=1)
         store = _store(client, redis_prefix, Metrics())
         try:
-            sid = (await store.create("alice")).session_id
-            messages = [StoredMessage("user", "hi", "t"), StoredMessage("assistant", "yo", "t", "stop")]
-            async with store.turn_lock(sid, "alice") as lock:
-                await store.append_turn(sid, "alice", lock, new_ids=[5, 6, 7], messages=messages)
+            sid = await _session_with_ids(store, [5, 6, 7])
             with pytest.raises(TurnConflict) as raised:
                 await store.read_ids(sid, 1, 5)
             assert not raised.value.deleted
